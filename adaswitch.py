@@ -11,12 +11,116 @@ Paper: "AdaSwitch: Adaptive Switching Generation for Knowledge Distillation", ar
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
-from dataclasses import dataclass
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from transformers import DynamicCache
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments: one dataclass; `--help` lists every field with its default.
+
+
+def arg(default, text: str, group: str | None = None, choices=None):
+    return field(default=default, metadata={"help": text, "group": group, "choices": choices})
+
+
+@dataclass
+class Args:
+    seed: int = arg(0, "seed for initialization, data order and sampling", group="run")
+    output_dir: str = arg("runs/adaswitch", "where metrics.jsonl, summary.json and the trained student go")
+    device: str = arg("auto", "auto (cuda when present), cpu or cuda")
+    dtype: str = arg("float32", "weights dtype; on GPU training also runs under bf16 autocast",
+                     choices=("float32", "bfloat16"))
+    log_every: int = arg(10, "steps between lines of metrics.jsonl")
+    eval_every: int = arg(0, "steps between evaluations during training (0: only before and after)")
+
+    teacher: str | None = arg(None, "teacher: hub id or local folder (default: the built-in toy teacher)",
+                              group="models and data")
+    student: str | None = arg(None, "student: hub id or local folder (default: the built-in toy student)")
+    dataset: str = arg("toy", "toy, gsm8k, dialogsum, or a local .json/.jsonl/.csv file")
+    prompt_field: str | None = arg(None, "prompt column of a local file (gsm8k: question, dialogsum: dialogue)")
+    response_field: str | None = arg(None, "response column of a local file (gsm8k: answer, dialogsum: summary)")
+    chat_template: bool = arg(True, "wrap prompts in the tokenizer's chat template when it has one")
+    max_prompt_len: int = arg(512, "prompts longer than this are cut from the left")
+    max_new_tokens: int = arg(64, "completion length limit, for rollouts, labels and evaluation")
+    eval_samples: int = arg(200, "test examples used for evaluation")
+    score: str = arg("auto", "evaluation: number (final number), rouge (ROUGE-L F1), exact; auto picks by dataset",
+                     choices=("auto", "number", "rouge", "exact"))
+    toy_digits: int = arg(4, "toy task: digits per operand")
+    toy_teacher_steps: int = arg(1500, "toy task: SFT steps for the teacher (cached in --toy-dir)")
+    toy_student_steps: int = arg(150, "toy task: SFT warm-up steps for the student (cached in --toy-dir)")
+    toy_lr: float = arg(3e-3, "toy task: learning rate of the teacher's and the student's SFT")
+    toy_dir: str = arg("runs/toy", "toy task: where the trained toy teacher and student are cached")
+
+    method: str = arg("adaswitch", "how training sequences are made", group="training",
+                      choices=("sft", "supervised_kd", "off_policy", "on_policy", "skd", "adaswitch"))
+    max_steps: int = arg(200, "optimizer steps")
+    batch_size: int = arg(32, "sequences per micro-batch (per process)")
+    grad_accum: int = arg(1, "micro-batches per optimizer step")
+    lr: float = arg(1e-3, "peak learning rate of AdamW")
+    warmup_ratio: float = arg(0.05, "fraction of steps of linear warm-up, then linear decay to 0")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    loss: str = arg("fkl", "token-level training divergence to the teacher", choices=("fkl", "rkl", "jsd", "tvd"))
+    temperature: float = arg(1.0, "sampling temperature of rollouts; also divides logits in the divergences")
+
+    window: int = arg(8, "L: how many past divergences the moving average covers", group="AdaSwitch")
+    k: float = arg(1.5, "K: switch when d_i > K * moving average")
+    metric: str = arg("fkl", "divergence d_i used by the switch rule", choices=("fkl", "rkl", "jsd", "tvd"))
+    min_history: int | None = arg(None, "divergences a row needs before it may switch (default: window)")
+    teacher_writes_switch_token: bool = arg(True, "the teacher writes the token at the switch step")
+
+    skd_top_k: int = arg(25, "SKD: student tokens outside the teacher's top-k are replaced", group="baselines")
+    beta: float = arg(0.5, "generalized JSD mixing weight (--loss/--metric jsd)")
+
+
+class UsageError(Exception):
+    """Bad input from the command line or the data: printed as one line, no traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser
+    for f in fields(Args):
+        meta = f.metadata
+        group = parser.add_argument_group(meta["group"]) if meta["group"] else group
+        flag, text = "--" + f.name.replace("_", "-"), f"{meta['help']} (default: {f.default})"
+        if isinstance(f.default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+        else:
+            kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
+            group.add_argument(flag, type=kind, default=f.default, choices=meta["choices"], help=text)
+    args = Args(**vars(parser.parse_args(argv)))
+    if args.window < 1:
+        raise UsageError(f"--window {args.window}: the moving average needs at least one divergence; use --window 1 or more")
+    if not args.k >= 0:
+        raise UsageError(f"--k {args.k}: the threshold is K times an average of divergences; use --k 0 or more (inf: never switch)")
+    if args.min_history is not None and not 1 <= args.min_history <= args.window:
+        raise UsageError(f"--min-history {args.min_history}: use a value from 1 to --window ({args.window})")
+    if (args.teacher is None) != (args.student is None):
+        raise UsageError("give both --teacher and --student, or neither for the built-in toy task")
+    for name in ("max_steps", "batch_size", "grad_accum", "max_new_tokens", "max_prompt_len", "eval_samples", "skd_top_k"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    return args
+
 
 # ----------------------------------------------------------------------------------------------------
 # Divergences: d(p_t || p_s) per position, reduced over the vocabulary.
@@ -53,6 +157,9 @@ def divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, metri
         return 0.5 * (log_p_t.exp() - log_p_s.exp()).abs().sum(-1)
     if not 0.0 < beta < 1.0:
         raise ValueError(f"jsd needs 0 < beta < 1, got {beta}; beta = 0 or 1 is a plain KL: use metric fkl or rkl")
+    # A finite floor for log 0: logaddexp(-inf, -inf) has a NaN gradient; m > 0 wherever p_t or p_s is.
+    floor = torch.finfo(torch.float32).min
+    log_p_t, log_p_s = log_p_t.clamp(min=floor), log_p_s.clamp(min=floor)
     log_m = torch.logaddexp(log_p_t + math.log(beta), log_p_s + math.log(1.0 - beta))  # [..., V], log of the mixture
     return beta * _kl(log_p_t, log_m) + (1.0 - beta) * _kl(log_p_s, log_m)
 
@@ -125,6 +232,11 @@ class Rollout:
     teacher_logits: torch.Tensor | None = None  # [B, N, V] when the teacher ran at every step
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as Hugging Face's generate computes them: [B, T] -> [B, T]."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def vocab_size(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
@@ -164,7 +276,7 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
         models[name].eval()
 
     ids, mask = input_ids, attention_mask                                             # [B, P], [B, P]
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)                   # [B, P] left padding aware
+    positions = position_ids(attention_mask)                                          # [B, P]
     done = torch.zeros(batch, dtype=torch.bool, device=device)                        # [B] row has written EOS
     no_rows = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, from_teacher, written, divergences, teacher_logits = [], [], [], [], []
@@ -172,28 +284,28 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
         for _ in range(max_new_tokens):
             active = ~done                                                             # [B]
             # Once every unfinished row has switched, the student's opinion is no longer needed.
-            run_student = "student" in needed and not (tracker is not None and not (active & ~tracker.switched).any())
+            skip_student = tracker is not None and not (active & ~tracker.switched).any()
             logits = {}
             for name in needed:
-                if name == "student" and not run_student:
+                if name == "student" and skip_student:
                     continue
                 out = models[name](input_ids=ids, attention_mask=mask, position_ids=positions,
                                    cache=caches[name], use_cache=True, logits_to_keep=1)
                 logits[name] = out.logits[:, -1, :vocab]                               # [B, V]
             s_logits, t_logits = logits.get("student"), logits.get("teacher")
-            s_token = None if s_logits is None else sample(s_logits, temperature, do_sample, generator)  # [B]
-            t_token = None if t_logits is None else sample(t_logits, temperature, do_sample, generator)  # [B]
             d = torch.zeros(batch, device=device)                                      # [B]
             measured = no_rows
             if s_logits is not None and t_logits is not None:
                 d = divergence(t_logits, s_logits, metric, temperature=temperature)
                 measured = active if tracker is None else active & ~tracker.switched
 
+            s_token = None
             if mode == "student":
                 by_teacher = no_rows
             elif mode == "teacher":
                 by_teacher = active
             elif mode == "skd":
+                s_token = sample(s_logits, temperature, do_sample, generator)          # [B]
                 top = t_logits.topk(min(skd_top_k, vocab), dim=-1).indices              # [B, top_k]
                 by_teacher = (top != s_token.unsqueeze(-1)).all(-1)                    # [B] not in the teacher's top-k
             else:
@@ -203,8 +315,14 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
                 # student's distribution at that step is the one just judged too far from the teacher's.
                 by_teacher = tracker.switched if teacher_writes_switch_token else before
 
-            token = t_token if s_token is None else s_token if t_token is None else torch.where(by_teacher, t_token, s_token)
-            token = torch.where(active, token, pad_token_id)                           # [B] pad after EOS
+            # Sample only for rows that use the sample: multinomial over V is the loop's largest cost.
+            token = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)  # [B] pad after EOS
+            student_rows, teacher_rows = active & ~by_teacher, active & by_teacher       # [B], [B]
+            if student_rows.any():
+                s_token = sample(s_logits, temperature, do_sample, generator) if s_token is None else s_token
+                token = torch.where(student_rows, s_token, token)
+            if teacher_rows.any():
+                token = torch.where(teacher_rows, sample(t_logits, temperature, do_sample, generator), token)
             tokens.append(token)
             from_teacher.append(by_teacher & active)
             written.append(active)
@@ -263,3 +381,404 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mas
     keep = mask.bool()
     total = torch.where(keep, d, 0.0).sum()  # where, not d * mask: inf * 0 at a masked position would be NaN
     return total / (keep.sum().clamp(min=1) if num_tokens is None else num_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training step: build the sequences (from the dataset or a rollout), then score them.
+
+ROLLOUT_MODE = {"off_policy": "teacher", "on_policy": "student", "skd": "skd", "adaswitch": "adaswitch"}
+
+
+def unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def make_sequences(batch: dict, student, teacher, args: Args, eos_token_id: int, pad_token_id: int,
+                   generator: torch.Generator | None = None) -> Rollout:
+    """Ground truth for sft and supervised_kd; a rollout in the method's mode otherwise."""
+    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]                     # [B, P]
+    if args.method not in ROLLOUT_MODE:
+        response_ids, response_mask = batch["response_ids"], batch["response_mask"]         # [B, N]
+        return Rollout(sequences=torch.cat([prompt_ids, response_ids], 1),
+                       attention_mask=torch.cat([prompt_mask, response_mask], 1),
+                       completion_mask=response_mask, from_teacher=torch.zeros_like(response_mask, dtype=torch.bool),
+                       switch_step=torch.full_like(response_mask[:, 0], -1),
+                       divergences=torch.zeros_like(response_mask, dtype=torch.float))
+    return rollout(unwrap(student), teacher, prompt_ids, prompt_mask, ROLLOUT_MODE[args.method],
+                   max_new_tokens=args.max_new_tokens, window=args.window, k=args.k, skd_top_k=args.skd_top_k,
+                   metric=args.metric, temperature=args.temperature, eos_token_id=eos_token_id,
+                   pad_token_id=pad_token_id, generator=generator, min_history=args.min_history,
+                   teacher_writes_switch_token=args.teacher_writes_switch_token)
+
+
+def sequence_loss(student, teacher, seq: Rollout, args: Args, num_tokens: torch.Tensor) -> torch.Tensor:
+    """Summed token loss over the completion of seq, divided by num_tokens (of the whole accumulation window)."""
+    n = seq.completion_mask.shape[1]
+    inputs = dict(input_ids=seq.sequences, attention_mask=seq.attention_mask,
+                  position_ids=position_ids(seq.attention_mask), logits_to_keep=n + 1)
+    logits = completion_logits(student(**inputs).logits, n)                                 # [B, N, V_s]
+    if args.method == "sft":
+        targets = seq.sequences[:, -n:]                                                     # [B, N]
+        nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")    # [B, N]
+        return torch.where(seq.completion_mask.bool(), nll, 0.0).sum() / num_tokens
+    teacher_logits = seq.teacher_logits                                                     # [B, N, V_t] or None
+    if teacher_logits is None:  # ground truth and the student's own samples: the teacher has not seen them yet
+        with torch.no_grad():
+            teacher_logits = completion_logits(teacher(**inputs).logits, n)                 # [B, N, V_t]
+    return distill_loss(logits, teacher_logits, seq.completion_mask, args.loss, args.beta, args.temperature,
+                        num_tokens)
+
+
+def sequence_stats(seqs: list[Rollout]) -> dict:
+    """What the sequences looked like: the logged switch_rate, switch_pos, teacher_frac, divergence."""
+    mask = torch.cat([s.completion_mask for s in seqs]).bool()                              # [B, N]
+    switch_step = torch.cat([s.switch_step for s in seqs])                                  # [B]
+    d = torch.cat([s.divergences for s in seqs])                                            # [B, N]
+    switched = switch_step >= 0
+
+    def mean(x):
+        return x.float().mean().item() if x.numel() else None
+
+    return {"switch_rate": mean(switched), "switch_pos": mean(switch_step[switched]),
+            "teacher_frac": mean(torch.cat([s.from_teacher for s in seqs])[mask]), "divergence": mean(d[d > 0]),
+            "completion_len": mean(mask.sum(-1))}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation: greedy completions of the test prompts, scored per task.
+
+
+def final_number(text: str) -> str | None:
+    """GSM8K's convention: the number after '####', else the last number in the text."""
+    marked = "####" in text
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text.split("####")[-1])
+    if not numbers:
+        return None
+    number = (numbers[0] if marked else numbers[-1]).replace(",", "")
+    return number.rstrip("0").rstrip(".") if "." in number else number
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 on lower-cased whitespace tokens: from the longest common subsequence."""
+    pred, ref = prediction.lower().split(), reference.lower().split()
+    lcs = [0] * (len(ref) + 1)
+    for p in pred:
+        diagonal = 0
+        for j, r in enumerate(ref, start=1):
+            diagonal, lcs[j] = lcs[j], diagonal + 1 if p == r else max(lcs[j], lcs[j - 1])
+    if lcs[-1] == 0:
+        return 0.0
+    precision, recall = lcs[-1] / len(pred), lcs[-1] / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def number_match(prediction: str, reference: str) -> float:
+    answer = final_number(prediction)
+    return float(answer is not None and answer == final_number(reference))
+
+
+SCORES = {"number": number_match, "rouge": rouge_l,
+          "exact": lambda prediction, reference: float(prediction.strip() == reference.strip())}
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, batches: list[dict], args: Args, score: str) -> float:
+    """Mean score of the model's greedy completions (the student writes alone: rollout mode 'student')."""
+    scores = []
+    for batch in batches:
+        out = rollout(unwrap(model), None, batch["prompt_ids"], batch["prompt_mask"], "student",
+                      max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+        completions = out.sequences[:, batch["prompt_ids"].shape[1]:]                          # [B, N]
+        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+        scores += [SCORES[score](text, reference) for text, reference in zip(texts, batch["references"])]
+    return sum(scores) / len(scores)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: the built-in toy task, real datasets, prompt templates, batches.
+
+TASKS = {  # dataset -> (hub name, config, prompt field, response field, template, score)
+    "gsm8k": ("openai/gsm8k", "main", "question", "answer",
+              "Solve the problem step by step, then give the final answer after '####'.\n\n{prompt}", "number"),
+    "dialogsum": ("knkarthick/dialogsum", None, "dialogue", "summary",
+                  "Summarize the following dialogue in a few sentences.\n\n{prompt}", "rouge"),
+}
+TOY_CHARS = "0123456789+=# "
+
+
+def toy_example(rng: random.Random, digits: int) -> dict:
+    """'0347+0285=' -> '7+5+0=12 4+8+1=13 3+2+1=06 0+0+0=00 ####00632': column addition with its carries."""
+    a, b = rng.randrange(10 ** digits), rng.randrange(10 ** digits)
+    x, y = f"{a:0{digits}d}", f"{b:0{digits}d}"
+    columns, carry = [], 0
+    for i in reversed(range(digits)):
+        total = int(x[i]) + int(y[i]) + carry
+        columns.append(f"{x[i]}+{y[i]}+{carry}={total:02d}")
+        carry = total // 10
+    return {"prompt": f"{x}+{y}=", "response": " ".join(columns) + f" ####{a + b:0{digits + 1}d}"}
+
+
+def toy_rows(digits: int, test_size: int, train_size: int = 20000) -> tuple[list[dict], list[dict]]:
+    """Train and test splits of the toy task, the same for every run with these digits; disjoint prompts."""
+    rng = random.Random(digits)
+    test = [toy_example(rng, digits) for _ in range(test_size)]
+    seen = {row["prompt"] for row in test}
+    train = [row for row in (toy_example(rng, digits) for _ in range(train_size)) if row["prompt"] not in seen]
+    return train, test
+
+
+def char_tokenizer(chars: str = TOY_CHARS):
+    """A character-level tokenizer for the toy task, wrapped like any Hugging Face checkpoint's tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<unk>", *chars])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def load_rows(args: Args) -> tuple[list[dict], list[dict]]:
+    """(train, test) rows of {'prompt': text with the task's template, 'response': text}."""
+    if args.dataset == "toy":
+        if 10 * args.toy_digits + 6 > args.max_new_tokens:  # the worked solution and EOS must fit
+            raise UsageError(f"--toy-digits {args.toy_digits} needs --max-new-tokens {10 * args.toy_digits + 6} or more")
+        return toy_rows(args.toy_digits, args.eval_samples)
+    from datasets import load_dataset
+    if args.dataset in TASKS:
+        name, config, prompt_field, response_field, template, _ = TASKS[args.dataset]
+        splits = load_dataset(name, config)
+        train, test = splits["train"], splits["test"]
+    else:
+        path = Path(args.dataset)
+        kind = {".json": "json", ".jsonl": "json", ".csv": "csv"}.get(path.suffix)
+        if kind is None or not path.is_file():
+            raise UsageError(f"--dataset {args.dataset}: not a file ending in .json, .jsonl or .csv, "
+                             f"nor one of: toy, {', '.join(TASKS)}")
+        if path.stat().st_size == 0:
+            raise UsageError(f"--dataset {path} is empty; it needs one example per row")
+        data = load_dataset(kind, data_files=str(path), split="train")
+        if len(data) < 2:
+            raise UsageError(f"--dataset {path} has {len(data)} row(s); it needs at least 2 (train and test)")
+        split = data.train_test_split(test_size=min(args.eval_samples, max(1, len(data) // 10)), seed=args.seed)
+        train, test = split["train"], split["test"]
+        prompt_field, response_field, template = "prompt", "response", "{prompt}"
+    prompt_field, response_field = args.prompt_field or prompt_field, args.response_field or response_field
+    for flag, column in (("--prompt-field", prompt_field), ("--response-field", response_field)):
+        if column not in train.column_names:
+            raise UsageError(f"{args.dataset} has no field {column!r} (fields: {', '.join(train.column_names)}); "
+                             f"set {flag}")
+    test = test.select(range(min(args.eval_samples, len(test))))
+    return tuple([{"prompt": template.format(prompt=row[prompt_field]), "response": str(row[response_field])}
+                  for row in split] for split in (train, test))
+
+
+def encode(rows: list[dict], tokenizer, args: Args) -> list[dict]:
+    """Token ids: the prompt (chat template when there is one, cut from the left), the response + EOS (cut right)."""
+    prompts = [row["prompt"] for row in rows]
+    chat = args.chat_template and tokenizer.chat_template is not None
+    if chat:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                 tokenize=False) for p in prompts]
+    prompt_ids = tokenizer(prompts, add_special_tokens=not chat)["input_ids"]
+    response_ids = tokenizer([row["response"] for row in rows], add_special_tokens=False)["input_ids"]
+    return [{"prompt": p[-args.max_prompt_len:], "response": (r + [tokenizer.eos_token_id])[:args.max_new_tokens],
+             "reference": row["response"]} for p, r, row in zip(prompt_ids, response_ids, rows) if p]
+
+
+def collate(examples: list[dict], pad_token_id: int, device) -> dict:
+    """Left-padded prompts [B, P] and right-padded responses [B, N], with their masks."""
+    P, N = max(len(e["prompt"]) for e in examples), max(len(e["response"]) for e in examples)
+    prompt_mask = [[0] * (P - len(e["prompt"])) + [1] * len(e["prompt"]) for e in examples]
+    response_mask = [[1] * len(e["response"]) + [0] * (N - len(e["response"])) for e in examples]
+    tensor = lambda rows: torch.tensor(rows, dtype=torch.long, device=device)  # noqa: E731
+    return {"prompt_ids": tensor([[pad_token_id] * (P - len(e["prompt"])) + e["prompt"] for e in examples]),
+            "prompt_mask": tensor(prompt_mask),
+            "response_ids": tensor([e["response"] + [pad_token_id] * (N - len(e["response"])) for e in examples]),
+            "response_mask": tensor(response_mask), "references": [e["reference"] for e in examples]}
+
+
+def batch_stream(examples: list[dict], batch_size: int, pad_token_id: int, device, seed: int | None = None):
+    """One pass in order when seed is None (evaluation); else endless reshuffled passes of full batches (training)."""
+    rng, size = random.Random(seed), min(batch_size, len(examples))
+    while True:
+        order = list(range(len(examples)))
+        if seed is not None:
+            rng.shuffle(order)
+        for start in range(0, len(order) - (0 if seed is None else size - 1), size):
+            yield collate([examples[i] for i in order[start:start + size]], pad_token_id, device)
+        if seed is None:
+            return
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main: load, train, evaluate, report. Also trains the toy models of the default run.
+
+TOY_TEACHER = dict(n_embd=128, n_layer=4, n_head=4)
+TOY_STUDENT = dict(n_embd=64, n_layer=2, n_head=2)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def train(student, teacher, batches, args: Args, tokenizer, rank: int = 0, world: int = 1,
+          test_batches: list[dict] | None = None, score: str = "exact", log_path: Path | None = None) -> list[dict]:
+    """AdamW, linear warm-up then decay; each step: build the sequences, score them, clip, step."""
+    device = next(student.parameters()).device
+    model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
+    student.train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    warmup = max(1, round(args.warmup_ratio * args.max_steps))
+    decay = max(1, args.max_steps - warmup)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, (args.max_steps - s) / decay))
+    generator = torch.Generator(device).manual_seed(args.seed + rank)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    history, bar = [], tqdm(range(1, args.max_steps + 1), desc=args.method, leave=False,
+                          disable=rank != 0 or not sys.stderr.isatty())
+    for step in bar:
+        start = time.perf_counter()
+        with autocast:
+            seqs = [make_sequences(next(batches), model, teacher, args, tokenizer.eos_token_id,
+                                   tokenizer.pad_token_id, generator) for _ in range(args.grad_accum)]
+        num_tokens = sum(seq.completion_mask.sum() for seq in seqs).clamp(min=1)
+        loss = 0.0
+        for seq in seqs:
+            with autocast:
+                micro_loss = sequence_loss(model, teacher, seq, args, num_tokens)
+            micro_loss.backward()
+            loss += micro_loss.item()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        record = {"step": step, "loss": loss, **sequence_stats(seqs),
+                  "tokens_per_s": num_tokens.item() / (time.perf_counter() - start), "lr": schedule.get_last_lr()[0]}
+        if rank == 0 and test_batches and args.eval_every and step % args.eval_every == 0:
+            record["eval_score"] = evaluate(student, tokenizer, test_batches, args, score)
+        history.append(record)
+        bar.set_postfix(loss=f"{loss:.3f}", switch=record["switch_rate"], d=record["divergence"])
+        if rank == 0 and log_path and (step % args.log_every == 0 or "eval_score" in record):
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+    return history
+
+
+def prepare_toy(args: Args, rank: int, world: int, device) -> Args:
+    """The default run's models, both trained by SFT once and cached in --toy-dir: a teacher that solves the toy
+    task almost always, and a smaller student warmed up briefly. Returns args pointing at their folders."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    tokenizer = char_tokenizer()
+    examples = encode(toy_rows(args.toy_digits, args.eval_samples)[0], tokenizer, args)
+    paths = {}
+    for name, shape, steps in (("teacher", TOY_TEACHER, args.toy_teacher_steps),
+                               ("student", TOY_STUDENT, args.toy_student_steps)):
+        path = Path(args.toy_dir) / f"{args.toy_digits}digits-{name}-{steps}steps"
+        if not (path / "config.json").exists():
+            torch.manual_seed(0)  # the same toy models whatever --seed, so runs with different seeds share a start
+            config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, bos_token_id=tokenizer.eos_token_id,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)
+            model = GPT2LMHeadModel(config).to(device)
+            batches = batch_stream(examples[rank::world], args.batch_size, tokenizer.pad_token_id, device, seed=0)
+            train(model, None, batches, replace(args, method="sft", max_steps=steps, lr=args.toy_lr), tokenizer, rank, world)
+            if rank == 0:
+                model.save_pretrained(path)
+                tokenizer.save_pretrained(path)
+            barrier()
+        paths[name] = str(path)
+    return replace(args, teacher=paths["teacher"], student=paths["student"], dataset="toy")
+
+
+def load_model(name: str, args: Args, device):
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise UsageError(f"model folder {name} does not exist; give a hub id or a folder saved with save_pretrained")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, args.dtype))
+    except OSError as error:
+        raise UsageError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from None
+    return model.to(device)
+
+
+def load_tokenizer(args: Args):
+    """The student's tokenizer, after checking that the teacher's is the same (ids are compared one to one)."""
+    teacher, student = AutoTokenizer.from_pretrained(args.teacher), AutoTokenizer.from_pretrained(args.student)
+    probe = "Distillation 101: 3 + 4 = 7, naïve café, 東京.\n"
+    if teacher.get_vocab() != student.get_vocab() or teacher(probe)["input_ids"] != student(probe)["input_ids"]:
+        raise UsageError(f"the tokenizers of --teacher {args.teacher} and --student {args.student} differ; AdaSwitch "
+                         "compares next-token distributions id by id: pick a teacher and student of one family")
+    student.padding_side = "left"
+    if student.pad_token is None:
+        student.pad_token = student.eos_token
+    return student
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no GPU is visible; use --device cpu")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+
+    if args.teacher is None:
+        args = prepare_toy(args, rank, world, device)
+    tokenizer = load_tokenizer(args)
+    teacher = load_model(args.teacher, args, device).eval().requires_grad_(False)
+    student = load_model(args.student, args, device)
+    if len(tokenizer) > min(vocab_size(teacher), vocab_size(student)):
+        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but a model has only "
+                         f"{min(vocab_size(teacher), vocab_size(student))} output logits; check --teacher/--student")
+    train_rows, test_rows = load_rows(args)
+    if not train_rows or not test_rows:
+        raise UsageError(f"--dataset {args.dataset} gave {len(train_rows)} train and {len(test_rows)} test examples")
+    pad = tokenizer.pad_token_id
+    train_batches = batch_stream(encode(train_rows, tokenizer, args)[rank::world], args.batch_size, pad, device,
+                                 seed=args.seed + rank)
+    test_batches = list(batch_stream(encode(test_rows, tokenizer, args), args.batch_size, pad, device))
+    score = args.score if args.score != "auto" else TASKS.get(args.dataset, (None,) * 5 + ("exact",))[5]
+    score = "number" if args.dataset == "toy" and args.score == "auto" else score
+    out = Path(args.output_dir)
+    log_path = out / "metrics.jsonl"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        log_path.unlink(missing_ok=True)
+        teacher_score, before = (evaluate(m, tokenizer, test_batches, args, score) for m in (teacher, student))
+
+    train_started = time.perf_counter()
+    history = train(student, teacher, train_batches, args, tokenizer, rank, world, test_batches, score, log_path)
+    train_time = time.perf_counter() - train_started
+    summary = {}
+    if rank == 0:
+        after = evaluate(student, tokenizer, test_batches, args, score)
+        student.save_pretrained(out / "student")
+        tokenizer.save_pretrained(out / "student")
+        mean = lambda key: (sum(v) / len(v) if (v := [r[key] for r in history if r[key] is not None]) else None)  # noqa: E731
+        summary = {"method": args.method, "dataset": args.dataset, "score": score, "teacher": teacher_score,
+                   "student_before": before, "student_after": after, "switch_rate": mean("switch_rate"),
+                   "teacher_frac": mean("teacher_frac"), "divergence": mean("divergence"),
+                   "train_seconds": train_time, "seconds_per_step": train_time / args.max_steps,
+                   "total_seconds": time.perf_counter() - started, "args": asdict(args)}
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"{args.method} on {args.dataset}, {args.max_steps} steps ({score} score on {len(test_rows)} test "
+              f"examples)\n  teacher        {teacher_score:.3f}\n  student        {before:.3f} -> {after:.3f}\n"
+              f"  switch rate    {summary['switch_rate']:.2f}   teacher tokens {summary['teacher_frac']:.2f}\n"
+              f"  time           {train_time:.0f} s training, {summary['total_seconds']:.0f} s in all; "
+              f"student saved to {out / 'student'}")
+    barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,557 @@
+"""Tests for adaswitch.py: closed forms for the divergences, hand-computed switch steps for the tracker,
+equivalences for the rollout (== HF generate, batched == row by row, kept logits == a fresh forward) and
+the masking of the loss. CPU only, tiny random GPT-2 models, a few seconds in all.
+
+    python -m pytest -q test_adaswitch.py
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from adaswitch import (METRICS, MODES, SwitchTracker, completion_logits, distill_loss, divergence,
+                       rollout)
+
+V = 48          # vocabulary of the student and the default teacher
+N = 10          # new tokens per rollout
+EOS, PAD = 2, 0  # config ids; tests that need an EOS to fire pick one from a reference completion
+INF = math.inf
+
+
+def tiny_gpt2(vocab: int, seed: int, n_embd: int = 32, n_layer: int = 2) -> GPT2LMHeadModel:
+    """A random GPT-2; initializer_range 0.5 makes varied, confident next-token distributions."""
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=n_embd, n_layer=n_layer, n_head=2,
+                        initializer_range=0.5, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: extra threads only add overhead (30x on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def student():
+    return tiny_gpt2(V, seed=0)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return tiny_gpt2(V, seed=1, n_embd=64, n_layer=3)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """Three left-padded prompts of lengths 7, 4 and 2: input_ids [3, 7], attention_mask [3, 7]."""
+    ids = torch.randint(3, V, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for row, length in enumerate([7, 4, 2]):
+        mask[row, 7 - length:] = 1
+    return ids * mask, mask
+
+
+def run(student, teacher, prompts, mode, **kwargs):
+    """A greedy rollout of N tokens, no EOS, unless kwargs say otherwise."""
+    kwargs = {"max_new_tokens": N, "do_sample": False, "eos_token_id": None, "pad_token_id": PAD, **kwargs}
+    return rollout(student, teacher, *prompts, mode, **kwargs)
+
+
+@torch.no_grad()
+def fresh_logits(model, ro):
+    """A parallel forward over the rollout's sequences: the logits that predicted each completion token."""
+    positions = (ro.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ro.sequences, attention_mask=ro.attention_mask, position_ids=positions).logits
+    return completion_logits(logits, ro.completion_mask.shape[1])[..., :V]  # [B, N, V]
+
+
+def eos_ending_first_row(completion):
+    """(token, step): a token that first appears in row 0 at step >= 1 and never in the last row."""
+    for step in range(1, completion.shape[1]):
+        token = completion[0, step].item()
+        if token not in completion[0, :step] and token not in completion[-1]:
+            return token, step
+    raise AssertionError("no usable EOS in the reference completion; change the fixture seeds")
+
+
+def run_with_eos(student, teacher, prompts, mode, **kwargs):
+    """A greedy rollout with EOS = pad = a token this mode writes in row 0 (so row 0 stops early) but never in
+    the last row (so it runs all N steps). Returns (eos, rollout)."""
+    reference = run(student, teacher, prompts, mode, **kwargs).sequences[:, prompts[0].shape[1]:]
+    eos, _ = eos_ending_first_row(reference)
+    return eos, run(student, teacher, prompts, mode, eos_token_id=eos, pad_token_id=eos, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Divergences
+
+
+def probs_logits(*rows):
+    """Logits whose softmax is exactly the given probability rows (log 0 = -inf)."""
+    return torch.tensor(rows, dtype=torch.float64).log().float()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_divergence_zero_for_equal_logits(metric):
+    """d(p || p) = 0 for every metric."""
+    logits = torch.randn(4, 5, 11, generator=torch.Generator().manual_seed(0)) * 3
+    assert torch.allclose(divergence(logits, logits.clone(), metric), torch.zeros(4, 5), atol=1e-6)
+
+
+def test_kl_matches_torch():
+    """fkl = KL(p_t || p_s) and rkl = KL(p_s || p_t), as torch's F.kl_div computes them."""
+    gen = torch.Generator().manual_seed(1)
+    t, s = torch.randn(6, 13, generator=gen), torch.randn(6, 13, generator=gen)
+    log_t, log_s = F.log_softmax(t, -1), F.log_softmax(s, -1)
+    kl_ts = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)
+    kl_st = F.kl_div(log_t, log_s, log_target=True, reduction="none").sum(-1)
+    assert not torch.allclose(kl_ts, kl_st, rtol=1e-2)  # the two directions really differ here
+    assert torch.allclose(divergence(t, s, "fkl"), kl_ts, atol=1e-6)
+    assert torch.allclose(divergence(t, s, "rkl"), kl_st, atol=1e-6)
+
+
+def test_jsd_and_tvd_closed_forms():
+    """Hand-computed JSD (with m = beta p_t + (1 - beta) p_s) and TVD on two-token distributions."""
+    t, s = probs_logits([0.5, 0.5]), probs_logits([0.9, 0.1])
+    # beta = 0.5: m = [0.7, 0.3]
+    jsd_half = 0.5 * (0.5 * math.log(0.5 / 0.7) + 0.5 * math.log(0.5 / 0.3)) \
+        + 0.5 * (0.9 * math.log(0.9 / 0.7) + 0.1 * math.log(0.1 / 0.3))
+    # beta = 0.25: m = 0.25 * [0.5, 0.5] + 0.75 * [0.9, 0.1] = [0.8, 0.2]
+    jsd_quarter = 0.25 * (0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2)) \
+        + 0.75 * (0.9 * math.log(0.9 / 0.8) + 0.1 * math.log(0.1 / 0.2))
+    assert divergence(t, s, "jsd").item() == pytest.approx(jsd_half, rel=1e-5)
+    assert divergence(t, s, "jsd", beta=0.25).item() == pytest.approx(jsd_quarter, rel=1e-5)
+    assert divergence(t, s, "tvd").item() == pytest.approx(0.4, rel=1e-5)  # 0.5 * (0.4 + 0.4)
+    # disjoint supports: JSD = log 2, TVD = 1
+    t, s = probs_logits([1.0, 0.0]), probs_logits([0.0, 1.0])
+    assert divergence(t, s, "jsd").item() == pytest.approx(math.log(2), rel=1e-5)
+    assert divergence(t, s, "tvd").item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_jsd_beta_endpoints():
+    """JSD_beta / beta -> fkl as beta -> 0, JSD_beta / (1 - beta) -> rkl as beta -> 1; beta 0 or 1 is an error."""
+    t, s = probs_logits([0.9, 0.05, 0.05]), probs_logits([0.3, 0.3, 0.4])
+    fkl, rkl = divergence(t, s, "fkl").item(), divergence(t, s, "rkl").item()
+    assert abs(fkl - rkl) > 0.1 * fkl
+    eps = 1e-3
+    assert divergence(t, s, "jsd", beta=eps).item() / eps == pytest.approx(fkl, rel=5e-3)
+    assert divergence(t, s, "jsd", beta=1 - eps).item() / eps == pytest.approx(rkl, rel=5e-3)
+    for beta in (0.0, 1.0):
+        with pytest.raises(ValueError, match="fkl or rkl"):
+            divergence(t, s, "jsd", beta=beta)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_shared_minus_inf_logits_give_finite_values_and_gradients(metric):
+    """An id masked to -inf in both models adds nothing: finite value, finite gradients for both inputs."""
+    t = torch.tensor([[0.0, 1.0, -INF], [0.5, -INF, 2.0]], requires_grad=True)
+    s = torch.tensor([[2.0, 0.0, -INF], [0.1, -INF, -1.0]], requires_grad=True)
+    d = divergence(t, s, metric)
+    finite_t, finite_s = t.detach()[t.isfinite()].view(2, 2), s.detach()[s.isfinite()].view(2, 2)
+    assert torch.allclose(d, divergence(finite_t, finite_s, metric), atol=1e-6)  # same as dropping the id
+    d.sum().backward()
+    assert t.grad.isfinite().all() and s.grad.isfinite().all()
+
+
+def test_bf16_logits_give_non_negative_jsd():
+    """bf16 inputs are computed in float32: near-equal distributions give JSD >= 0 (bf16 math gives ~ -1e-2)."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(500, 50, generator=gen) * 3
+    t, s = x.bfloat16(), (x + 0.01 * torch.randn(500, 50, generator=gen)).bfloat16()
+    d = divergence(t, s, "jsd")
+    assert d.dtype == torch.float32
+    assert (d >= -1e-6).all()
+
+
+def test_divergence_rejects_bad_metric_and_shapes():
+    """Unknown metric and teacher / student shapes that differ raise ValueError."""
+    x = torch.zeros(2, 5)
+    with pytest.raises(ValueError, match="metric"):
+        divergence(x, x, "kl")
+    with pytest.raises(ValueError, match="shape"):
+        divergence(x, torch.zeros(2, 6))
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 7), (2, 3, 7)])
+@pytest.mark.parametrize("metric", METRICS)
+def test_divergence_reduces_the_last_dim(shape, metric):
+    """[..., V] -> [...]."""
+    assert divergence(torch.randn(shape), torch.randn(shape), metric).shape == shape[:-1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Switch tracker
+
+
+def feed(tracker, rows, active=None):
+    """Feed per-step divergences rows [B, T] (and active [B, T]); return the fired flags [B, T]."""
+    rows = torch.as_tensor(rows, dtype=torch.float32)
+    fired = []
+    for i in range(rows.shape[1]):
+        fired.append(tracker.update(rows[:, i], None if active is None else torch.as_tensor(active)[:, i]))
+    return torch.stack(fired, dim=1)
+
+
+# (window, k, divergences, switch step): tau_i = k * mean of the last `window` d's before step i
+SWITCH_CASES = [
+    (3, 2.0, [1, 1, 1, 2.5], 3),             # tau = 2 from (1, 1, 1); with 2.5 in the mean tau would be 3
+    (3, 2.0, [1, 1, 1, 2.0], -1),            # d must exceed tau strictly
+    (3, 2.0, [1, 2, 3, 3.9, 7], 4),          # step 3: tau = 4 > 3.9; step 4: tau = 2 * (2 + 3 + 3.9) / 3 = 5.93
+    (3, 2.0, [100, 1, 1, 1, 2.5], 4),        # the ring buffer wraps: 100 has left the window at step 4
+    (2, 3.0, [9, 1, 3, 2.9, 9], 4),          # step 4: tau = 3 * (3 + 2.9) / 2 = 8.85 (the full mean would give 11.9)
+    (1, 1.5, [2, 2.9, 4.4, 6.7], 2),         # window 1: tau = 1.5 * previous d
+    (4, 1.0, [1, 1, 1, 1, 1, 1, 1.01], 6),
+]
+
+
+@pytest.mark.parametrize("window,k,ds,step", SWITCH_CASES)
+def test_tracker_hand_computed_switch_steps(window, k, ds, step):
+    """The row switches exactly at the hand-computed step, and update reports it at that step only."""
+    tracker = SwitchTracker(1, window, k)
+    fired = feed(tracker, [ds])
+    assert fired.dtype == torch.bool
+    assert tracker.switch_step.tolist() == [step]
+    assert tracker.switched.tolist() == [step >= 0]
+    assert fired[0].nonzero().flatten().tolist() == ([step] if step >= 0 else [])
+
+
+def test_tracker_waits_for_a_full_window():
+    """A huge spike before `window` divergences are recorded does not switch (and then dominates the mean)."""
+    tracker = SwitchTracker(1, window=3, k=1.0)
+    assert not feed(tracker, [[1, 1, 1000, 1]]).any()
+    assert tracker.switch_step.item() == -1
+
+
+def test_tracker_switches_once():
+    """After the switch, later spikes are ignored and switch_step stays."""
+    tracker = SwitchTracker(1, window=3, k=2.0)
+    fired = feed(tracker, [[1, 1, 1, 5, 100, 1000]])
+    assert fired[0].tolist() == [False, False, False, True, False, False]
+    assert tracker.switch_step.item() == 3 and tracker.switched.item()
+
+
+def test_tracker_inactive_steps_are_skipped():
+    """An inactive row neither switches nor records: it behaves as if those steps never happened."""
+    tracker = SwitchTracker(2, window=3, k=2.0)
+    ds = [[1, 1, 1, 1, 5, 1, 1],
+          [1, 1, 1, 1e6, 1e6, 1, 5]]  # row 1 sees (1, 1, 1, 1, 5) on its active steps, like row 0
+    active = [[True] * 7,
+              [True, True, True, False, False, True, True]]
+    fired = feed(tracker, ds, active)
+    assert tracker.switch_step.tolist() == [4, 6]
+    assert fired.tolist() == [[False] * 4 + [True, False, False], [False] * 6 + [True]]
+
+
+def test_tracker_k_inf_never_switches():
+    """k = inf: no switch, also with an all-zero history."""
+    tracker = SwitchTracker(2, window=2, k=INF)
+    assert not feed(tracker, [[1, 1, 1e30, 1e38], [0, 0, 0, 5]]).any()
+    assert tracker.switch_step.tolist() == [-1, -1]
+
+
+@pytest.mark.parametrize("kwargs", [dict(window=0, k=1.0), dict(window=-1, k=1.0), dict(window=2, k=-0.5),
+                                    dict(window=2, k=math.nan), dict(window=2, k=1.0, min_history=0),
+                                    dict(window=2, k=1.0, min_history=3)])
+def test_tracker_rejects_bad_arguments(kwargs):
+    """window < 1, k < 0 (or nan) and min_history outside [1, window] raise ValueError."""
+    with pytest.raises(ValueError):
+        SwitchTracker(1, **kwargs)
+
+
+def test_tracker_min_history_uses_the_mean_of_what_exists():
+    """min_history < window lets a row switch early, against the mean of the divergences recorded so far."""
+    ds = [[1, 3, 3.9, 5.5]]
+    # step 2: tau = 2 * mean(1, 3) = 4 > 3.9 (a zero-padded window mean would give 2 and switch here);
+    # step 3: tau = 2 * mean(1, 3, 3.9) = 5.27 < 5.5
+    early = SwitchTracker(1, window=4, k=2.0, min_history=2)
+    feed(early, ds)
+    assert early.switch_step.item() == 3
+    default = SwitchTracker(1, window=4, k=2.0)  # needs 4 recorded divergences: none left to switch on
+    feed(default, ds)
+    assert default.switch_step.item() == -1
+
+
+def test_tracker_batched_equals_rows():
+    """All hand-made cases with the same (window, k) fed as one batch give each row's own switch step."""
+    for window, k in {(w, k) for w, k, _, _ in SWITCH_CASES}:
+        cases = [(ds, step) for w, kk, ds, step in SWITCH_CASES if (w, kk) == (window, k)]
+        length = max(len(ds) for ds, _ in cases)
+        ds = [ds + [1e6] * (length - len(ds)) for ds, _ in cases]  # padded steps are inactive
+        active = [[i < len(c) for i in range(length)] for c, _ in cases]
+        tracker = SwitchTracker(len(cases), window, k)
+        feed(tracker, ds, active)
+        assert tracker.switch_step.tolist() == [step for _, step in cases]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rollout
+
+
+@pytest.mark.parametrize("mode", ["student", "teacher"])
+def test_greedy_rollout_equals_generate(student, teacher, prompts, mode):
+    """Greedy student / teacher mode == HF generate on a left-padded batch, EOS and padding included."""
+    model = student if mode == "student" else teacher
+    reference = model.generate(input_ids=prompts[0], attention_mask=prompts[1], do_sample=False,
+                               max_new_tokens=N, eos_token_id=EOS, pad_token_id=PAD)
+    ro = run(student, teacher, prompts, mode, eos_token_id=EOS)
+    assert torch.equal(ro.sequences, reference)
+    assert torch.equal(ro.from_teacher, ro.completion_mask.bool() & (mode == "teacher"))
+    assert ro.switch_step.tolist() == [0 if mode == "teacher" else -1] * 3
+
+
+def test_adaswitch_with_k_inf_is_student(student, teacher, prompts):
+    """k = inf never switches: the student writes everything."""
+    ro = run(student, teacher, prompts, "adaswitch", window=2, k=INF)
+    assert torch.equal(ro.sequences, run(student, teacher, prompts, "student").sequences)
+    assert not ro.from_teacher.any()
+    assert ro.switch_step.tolist() == [-1, -1, -1]
+
+
+def test_eos_is_kept_and_rows_stop_independently(student, teacher, prompts):
+    """With pad = eos (GPT-2 style) the EOS is inside completion_mask, then pad, masked; each row stops on its own."""
+    P = prompts[0].shape[1]
+    reference = run(student, teacher, prompts, "student").sequences[:, P:]
+    eos, stop = eos_ending_first_row(reference)
+    ro = run(student, teacher, prompts, "student", eos_token_id=eos, pad_token_id=eos)
+    lengths = ro.completion_mask.sum(-1)
+    assert lengths[0] == stop + 1 and lengths[-1] == N  # rows stop at different steps
+    for row, length in enumerate(lengths.tolist()):
+        assert ro.completion_mask[row].tolist() == [1] * length + [0] * (N - length)
+        assert torch.equal(ro.sequences[row, P:P + length], reference[row, :length])
+        assert (ro.sequences[row, P + length:] == eos).all()
+        assert length == N or ro.sequences[row, P + length - 1] == eos
+    assert torch.equal(ro.attention_mask, torch.cat([prompts[1], ro.completion_mask], dim=1))
+    generated = student.generate(input_ids=prompts[0], attention_mask=prompts[1], do_sample=False,
+                                 max_new_tokens=N, eos_token_id=eos, pad_token_id=eos)
+    assert torch.equal(ro.sequences, generated)
+
+
+def test_k_zero_switches_at_window_then_teacher_continues(student, teacher, prompts):
+    """k = 0: every row switches at step `window`, and from there the completion is the teacher's greedy one."""
+    window, P = 3, prompts[0].shape[1]
+    ro = run(student, teacher, prompts, "adaswitch", window=window, k=0.0, eos_token_id=EOS)
+    assert ro.completion_mask.all()
+    assert ro.switch_step.tolist() == [window] * 3
+    assert not ro.from_teacher[:, :window].any() and ro.from_teacher[:, window:].all()
+    own = run(student, teacher, prompts, "student", eos_token_id=EOS).sequences
+    assert torch.equal(ro.sequences[:, :P + window], own[:, :P + window])
+    continued = teacher.generate(input_ids=ro.sequences[:, :P + window], attention_mask=ro.attention_mask[:, :P + window],
+                                 do_sample=False, max_new_tokens=N - window, eos_token_id=EOS, pad_token_id=PAD)
+    assert torch.equal(ro.sequences, continued)
+
+
+@pytest.mark.parametrize("teacher_writes_switch_token", [True, False])
+def test_from_teacher_agrees_with_switch_step_and_models(student, teacher, prompts, teacher_writes_switch_token):
+    """from_teacher is 1 from the switch (or the step after it) on, and each token is its writer's greedy choice."""
+    ro = run(student, teacher, prompts, "adaswitch", window=2, k=1.5,
+             teacher_writes_switch_token=teacher_writes_switch_token)
+    steps = ro.switch_step.tolist()
+    assert any(2 < s < N - 1 for s in steps)  # some row switches in the middle: the check has teeth
+    first = ro.switch_step + (0 if teacher_writes_switch_token else 1)
+    expected = (torch.arange(N) >= first[:, None]) & (ro.switch_step[:, None] >= 0)
+    assert torch.equal(ro.from_teacher, expected)
+    completion = ro.sequences[:, -N:]
+    by_teacher, by_student = fresh_logits(teacher, ro).argmax(-1), fresh_logits(student, ro).argmax(-1)
+    assert torch.equal(completion, torch.where(ro.from_teacher, by_teacher, by_student))
+    # the tracker replayed on the recorded divergences gives the same switch steps
+    tracker = SwitchTracker(3, window=2, k=1.5)
+    feed(tracker, ro.divergences, ro.completion_mask.bool())
+    assert tracker.switch_step.tolist() == steps
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_equals_rows(student, teacher, prompts, mode):
+    """A batched greedy rollout (with an EOS that stops row 0 early) equals each row run alone."""
+    P, kwargs = prompts[0].shape[1], dict(window=2, k=1.5, skd_top_k=5)
+    eos, batch = run_with_eos(student, teacher, prompts, mode, **kwargs)
+    assert not batch.completion_mask.all()
+    kwargs.update(eos_token_id=eos, pad_token_id=eos)
+    for row in range(3):
+        length = prompts[1][row].sum().item()
+        alone = run(student, teacher, (prompts[0][row:row + 1, P - length:], prompts[1][row:row + 1, P - length:]),
+                    mode, **kwargs)
+        n = alone.completion_mask.shape[1]
+        assert alone.completion_mask.all()  # the rollout ends once every row has written EOS
+        assert torch.equal(batch.completion_mask[row, :n], alone.completion_mask[0])
+        assert not batch.completion_mask[row, n:].any()
+        assert torch.equal(batch.sequences[row, P:P + n], alone.sequences[0, length:])
+        assert torch.equal(batch.from_teacher[row, :n], alone.from_teacher[0])
+        assert batch.switch_step[row] == alone.switch_step[0]
+
+
+def test_skd_tokens_lie_in_teacher_top_k(student, teacher, prompts):
+    """SKD: every token is in the teacher's top-k at its step; from_teacher marks the student tokens replaced;
+    with skd_top_k = V no token is replaced."""
+    top_k = 5
+    ro = run(student, teacher, prompts, "skd", skd_top_k=top_k)
+    top = fresh_logits(teacher, ro).topk(top_k, dim=-1).indices                       # [B, N, k]
+    completion = ro.sequences[:, -N:]
+    assert (top == completion[..., None]).any(-1).all()
+    student_choice = fresh_logits(student, ro).argmax(-1)                             # [B, N]
+    rejected = ~(top == student_choice[..., None]).any(-1)
+    assert rejected.any() and not rejected.all()
+    assert torch.equal(ro.from_teacher, rejected)
+    assert torch.equal(completion[~rejected], student_choice[~rejected])
+    ro = run(student, teacher, prompts, "skd", skd_top_k=V)
+    assert torch.equal(ro.sequences, run(student, teacher, prompts, "student").sequences)
+    assert not ro.from_teacher.any()
+
+
+@pytest.mark.parametrize("mode", ["student", "adaswitch"])
+def test_sampling_follows_the_generator(student, teacher, prompts, mode):
+    """The same generator seed gives the same samples, another seed different ones."""
+    def sampled(seed):
+        return run(student, teacher, prompts, mode, do_sample=True, window=2, k=1.5,
+                   generator=torch.Generator().manual_seed(seed)).sequences
+    assert torch.equal(sampled(0), sampled(0))
+    assert not torch.equal(sampled(0), sampled(1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_teacher_logits_equal_a_fresh_forward(student, teacher, prompts, mode):
+    """The teacher logits kept by the rollout == a parallel teacher forward, on completion tokens; None for student."""
+    _, ro = run_with_eos(student, teacher, prompts, mode, window=2, k=1.5, skd_top_k=5)
+    if mode == "student":
+        assert ro.teacher_logits is None
+        return
+    assert ro.teacher_logits.shape == (3, ro.completion_mask.shape[1], V)
+    keep = ro.completion_mask.bool()
+    assert not keep.all()
+    # cached vs parallel float32 attention differ by up to ~2e-4 on these logits (|x| < 16); in float64, 1e-13
+    assert torch.allclose(ro.teacher_logits[keep], fresh_logits(teacher, ro)[keep], atol=1e-3)
+
+
+@pytest.mark.parametrize("mode,metric,k", [("skd", "fkl", 1.5), ("adaswitch", "fkl", 1.5), ("adaswitch", "rkl", 1.5),
+                                           ("adaswitch", "jsd", 1.1), ("adaswitch", "tvd", 1.1),
+                                           ("teacher", "fkl", 1.5), ("student", "fkl", 1.5)])
+def test_divergences_where_both_models_ran(student, teacher, prompts, mode, metric, k):
+    """divergences is nonzero exactly where both models ran (adaswitch: up to and including the switch step,
+    unfinished rows only) and there equals divergence() of fresh teacher and student logits."""
+    _, ro = run_with_eos(student, teacher, prompts, mode, window=2, k=k, skd_top_k=5, metric=metric)
+    keep = ro.completion_mask.bool()
+    steps = torch.arange(keep.shape[1])
+    if mode in ("student", "teacher"):
+        both = torch.zeros_like(keep)
+    elif mode == "skd":
+        both = keep
+    else:
+        both = keep & ((ro.switch_step[:, None] < 0) | (steps <= ro.switch_step[:, None]))
+        assert (ro.switch_step >= 0).any() and not both[keep].all()
+    assert torch.equal(ro.divergences != 0, both)
+    fresh = divergence(fresh_logits(teacher, ro), fresh_logits(student, ro), metric)
+    assert torch.allclose(ro.divergences[both], fresh[both], rtol=1e-3, atol=1e-4)
+
+
+def test_rollout_restores_train_mode(student, teacher, prompts):
+    """Models run in eval mode and go back to the train / eval mode they had."""
+    student.train()
+    try:
+        ro = run(student, teacher, prompts, "adaswitch", window=2, k=1.5)
+        assert student.training and not teacher.training
+    finally:
+        student.eval()
+    # dropout was off during the rollout: same result as with the student in eval mode
+    assert torch.equal(ro.sequences, run(student, teacher, prompts, "adaswitch", window=2, k=1.5).sequences)
+
+
+@pytest.mark.parametrize("mode", ["skd", "adaswitch"])
+def test_wider_teacher_vocab(student, prompts, mode):
+    """A teacher with a padded, larger vocabulary: sampled ids stay below min(V), logits are cut to V."""
+    wide = tiny_gpt2(V + 16, seed=1)
+    with torch.no_grad():
+        wide.transformer.wte.weight[V:] *= 10  # make the padded ids the teacher's favourites
+    own = run(None, wide, prompts, "teacher", do_sample=True, generator=torch.Generator().manual_seed(0))
+    assert (own.sequences >= V).any()  # on its own vocabulary the teacher writes padded ids
+    ro = run(student, wide, prompts, mode, do_sample=True, window=2, k=0.0, skd_top_k=5,
+             generator=torch.Generator().manual_seed(0))
+    assert ro.from_teacher.any()
+    assert (ro.sequences < V).all()
+    assert ro.teacher_logits.shape == (3, N, V)
+
+
+def test_rollout_rejects_bad_mode(student, teacher, prompts):
+    """An unknown mode raises ValueError."""
+    with pytest.raises(ValueError, match="mode"):
+        run(student, teacher, prompts, "gkd")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses
+
+
+def test_completion_logits_picks_the_predicting_positions():
+    """completion_logits(logits, N) == logits[:, P-1:P+N-1], also from the last N+1 positions only."""
+    P, n = 5, 3
+    logits = torch.arange(2 * (P + n) * 4).view(2, P + n, 4)
+    assert torch.equal(completion_logits(logits, n), logits[:, P - 1:P + n - 1])
+    assert torch.equal(completion_logits(logits[:, -(n + 1):], n), logits[:, P - 1:P + n - 1])
+
+
+def test_distill_loss_gradient_reaches_the_student_only(student, teacher, prompts):
+    """Backward through distill_loss fills student gradients and leaves every teacher .grad None."""
+    ro = run(student, teacher, prompts, "student")
+    try:
+        s = completion_logits(student(input_ids=ro.sequences, attention_mask=ro.attention_mask).logits, N)
+        t = completion_logits(teacher(input_ids=ro.sequences, attention_mask=ro.attention_mask).logits, N)
+        distill_loss(s, t, ro.completion_mask).backward()
+        assert all(p.grad is None for p in teacher.parameters())
+        assert all(p.grad is not None for p in student.parameters())
+        assert student.lm_head.weight.grad.abs().sum() > 0
+    finally:
+        student.zero_grad(set_to_none=True)
+        teacher.zero_grad(set_to_none=True)
+
+
+def loss_inputs(vocab_t=9):
+    gen = torch.Generator().manual_seed(3)
+    s = torch.randn(2, 4, 9, generator=gen) * 2
+    t = torch.randn(2, 4, vocab_t, generator=gen) * 2
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    return s, t, mask
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_distill_loss_is_the_masked_mean(metric):
+    """loss = mean of divergence over mask positions; num_tokens replaces the divisor."""
+    s, t, mask = loss_inputs()
+    d = divergence(t, s, metric)
+    assert torch.allclose(distill_loss(s, t, mask, metric), d[mask.bool()].mean())
+    assert torch.allclose(distill_loss(s, t, mask, metric, num_tokens=7), d[mask.bool()].sum() / 7)
+
+
+@pytest.mark.parametrize("garbage", [1e4, INF, -INF, math.nan])
+@pytest.mark.parametrize("metric", METRICS)
+def test_masked_positions_do_not_change_the_loss(metric, garbage):
+    """Garbage (large, inf, nan) in masked positions leaves the loss as it was."""
+    s, t, mask = loss_inputs()
+    clean = distill_loss(s, t, mask, metric)
+    s, t = s.clone(), t.clone()
+    s[mask == 0], t[mask == 0] = garbage, -garbage
+    assert torch.equal(distill_loss(s, t, mask, metric), clean)
+
+
+def test_masked_positions_get_no_gradient():
+    """With large finite garbage in masked positions, those get zero gradient and the others are unchanged."""
+    s, t, mask = loss_inputs()
+    clean = s.clone().requires_grad_(True)
+    distill_loss(clean, t, mask, "jsd").backward()
+    dirty = s.clone()
+    dirty[mask == 0] = 1e4
+    dirty.requires_grad_(True)
+    t = t.clone()
+    t[mask == 0] = -1e4
+    distill_loss(dirty, t, mask, "jsd").backward()
+    assert (dirty.grad[mask == 0] == 0).all()
+    assert torch.allclose(dirty.grad[mask == 1], clean.grad[mask == 1])
+
+
+def test_distill_loss_cuts_a_wider_teacher_vocab():
+    """A teacher with extra (padded) ids is compared on the student's ids only."""
+    s, t, mask = loss_inputs(vocab_t=12)
+    assert torch.allclose(distill_loss(s, t, mask), distill_loss(s, t[..., :9], mask))
