@@ -46,9 +46,9 @@ class Args:
     log_every: int = arg(10, "steps between lines of metrics.jsonl")
     eval_every: int = arg(0, "steps between evaluations during training (0: only before and after)")
 
-    teacher: str | None = arg(None, "teacher: hub id or local folder (default: the built-in toy teacher)",
+    teacher: str | None = arg(None, "teacher: hub id or local folder; None: the built-in toy teacher",
                               group="models and data")
-    student: str | None = arg(None, "student: hub id or local folder (default: the built-in toy student)")
+    student: str | None = arg(None, "student: hub id or local folder; None: the built-in toy student")
     dataset: str = arg("toy", "toy, gsm8k, dialogsum, or a local .json/.jsonl/.csv file")
     prompt_field: str | None = arg(None, "prompt column of a local file (gsm8k: question, dialogsum: dialogue)")
     response_field: str | None = arg(None, "response column of a local file (gsm8k: answer, dialogsum: summary)")
@@ -58,8 +58,8 @@ class Args:
     eval_samples: int = arg(200, "test examples used for evaluation")
     score: str = arg("auto", "evaluation: number (final number), rouge (ROUGE-L F1), exact; auto picks by dataset",
                      choices=("auto", "number", "rouge", "exact"))
-    toy_digits: int = arg(4, "toy task: digits per operand")
-    toy_teacher_steps: int = arg(1500, "toy task: SFT steps for the teacher (cached in --toy-dir)")
+    toy_digits: int = arg(3, "toy task: digits per operand")
+    toy_teacher_steps: int = arg(1000, "toy task: SFT steps for the teacher (cached in --toy-dir)")
     toy_student_steps: int = arg(150, "toy task: SFT warm-up steps for the student (cached in --toy-dir)")
     toy_lr: float = arg(3e-3, "toy task: learning rate of the teacher's and the student's SFT")
     toy_dir: str = arg("runs/toy", "toy task: where the trained toy teacher and student are cached")
@@ -79,10 +79,11 @@ class Args:
     window: int = arg(8, "L: how many past divergences the moving average covers", group="AdaSwitch")
     k: float = arg(1.5, "K: switch when d_i > K * moving average")
     metric: str = arg("fkl", "divergence d_i used by the switch rule", choices=("fkl", "rkl", "jsd", "tvd"))
-    min_history: int | None = arg(None, "divergences a row needs before it may switch (default: window)")
+    min_history: int | None = arg(None, "divergences a row needs before it may switch; None: window")
     teacher_writes_switch_token: bool = arg(True, "the teacher writes the token at the switch step")
 
-    skd_top_k: int = arg(25, "SKD: student tokens outside the teacher's top-k are replaced", group="baselines")
+    skd_top_k: int | None = arg(None, "SKD: student tokens outside the teacher's top-k are replaced; "
+                                "None: 25 as in SKD, 2 on the 17-token toy vocabulary", group="baselines")
     beta: float = arg(0.5, "generalized JSD mixing weight (--loss/--metric jsd)")
 
 
@@ -117,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     if (args.teacher is None) != (args.student is None):
         raise UsageError("give both --teacher and --student, or neither for the built-in toy task")
     for name in ("max_steps", "batch_size", "grad_accum", "max_new_tokens", "max_prompt_len", "eval_samples", "skd_top_k"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     return args
 
@@ -498,11 +499,11 @@ def evaluate(model, tokenizer, batches: list[dict], args: Args, score: str) -> f
 # ----------------------------------------------------------------------------------------------------
 # Data: the built-in toy task, real datasets, prompt templates, batches.
 
-TASKS = {  # dataset -> (hub name, config, prompt field, response field, template, score)
+TASKS = {  # dataset -> (hub name, config, prompt field, response field, template)
     "gsm8k": ("openai/gsm8k", "main", "question", "answer",
-              "Solve the problem step by step, then give the final answer after '####'.\n\n{prompt}", "number"),
+              "Solve the problem step by step, then give the final answer after '####'.\n\n{prompt}"),
     "dialogsum": ("knkarthick/dialogsum", None, "dialogue", "summary",
-                  "Summarize the following dialogue in a few sentences.\n\n{prompt}", "rouge"),
+                  "Summarize the following dialogue in a few sentences.\n\n{prompt}"),
 }
 TOY_CHARS = "0123456789+=# "
 
@@ -520,11 +521,11 @@ def toy_example(rng: random.Random, digits: int) -> dict:
 
 
 def toy_rows(digits: int, test_size: int, train_size: int = 20000) -> tuple[list[dict], list[dict]]:
-    """Train and test splits of the toy task, the same for every run with these digits; disjoint prompts."""
-    rng = random.Random(digits)
-    test = [toy_example(rng, digits) for _ in range(test_size)]
+    """Train and test splits of the toy task from two fixed streams (test_size only truncates); disjoint prompts."""
+    test_rng, train_rng = random.Random(f"test-{digits}"), random.Random(f"train-{digits}")
+    test = [toy_example(test_rng, digits) for _ in range(test_size)]
     seen = {row["prompt"] for row in test}
-    train = [row for row in (toy_example(rng, digits) for _ in range(train_size)) if row["prompt"] not in seen]
+    train = [row for row in (toy_example(train_rng, digits) for _ in range(train_size)) if row["prompt"] not in seen]
     return train, test
 
 
@@ -547,7 +548,7 @@ def load_rows(args: Args) -> tuple[list[dict], list[dict]]:
         return toy_rows(args.toy_digits, args.eval_samples)
     from datasets import load_dataset
     if args.dataset in TASKS:
-        name, config, prompt_field, response_field, template, _ = TASKS[args.dataset]
+        name, config, prompt_field, response_field, template = TASKS[args.dataset]
         splits = load_dataset(name, config)
         train, test = splits["train"], splits["test"]
     else:
@@ -723,10 +724,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
     started = time.perf_counter()
 
+    if args.skd_top_k is None:  # a top-25 on a 17-token vocabulary would keep every student token: on-policy
+        args = replace(args, skd_top_k=2 if args.teacher is None else 25)
     if args.teacher is None:
         args = prepare_toy(args, rank, world, device)
     tokenizer = load_tokenizer(args)
@@ -735,6 +736,11 @@ def main(argv: list[str] | None = None) -> dict:
     if len(tokenizer) > min(vocab_size(teacher), vocab_size(student)):
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but a model has only "
                          f"{min(vocab_size(teacher), vocab_size(student))} output logits; check --teacher/--student")
+    if args.method == "skd" and args.skd_top_k >= len(tokenizer):
+        raise UsageError(f"--skd-top-k {args.skd_top_k} covers the whole {len(tokenizer)}-token vocabulary, so SKD "
+                         "would never replace a token (that is on_policy); use a smaller --skd-top-k")
+    random.seed(args.seed)  # after the toy models, so a run repeats whether or not it had to train them
+    torch.manual_seed(args.seed)
     train_rows, test_rows = load_rows(args)
     if not train_rows or not test_rows:
         raise UsageError(f"--dataset {args.dataset} gave {len(train_rows)} train and {len(test_rows)} test examples")
@@ -742,14 +748,15 @@ def main(argv: list[str] | None = None) -> dict:
     train_batches = batch_stream(encode(train_rows, tokenizer, args)[rank::world], args.batch_size, pad, device,
                                  seed=args.seed + rank)
     test_batches = list(batch_stream(encode(test_rows, tokenizer, args), args.batch_size, pad, device))
-    score = args.score if args.score != "auto" else TASKS.get(args.dataset, (None,) * 5 + ("exact",))[5]
-    score = "number" if args.dataset == "toy" and args.score == "auto" else score
+    auto = {"toy": "number", "gsm8k": "number", "dialogsum": "rouge"}.get(args.dataset, "exact")
+    score = auto if args.score == "auto" else args.score
     out = Path(args.output_dir)
     log_path = out / "metrics.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         log_path.unlink(missing_ok=True)
-        teacher_score, before = (evaluate(m, tokenizer, test_batches, args, score) for m in (teacher, student))
+        teacher_score = evaluate(teacher, tokenizer, test_batches, args, score)
+        before = evaluate(student, tokenizer, test_batches, args, score)
 
     train_started = time.perf_counter()
     history = train(student, teacher, train_batches, args, tokenizer, rank, world, test_batches, score, log_path)

@@ -1,16 +1,22 @@
 """Tests for adaswitch.py: closed forms for the divergences, hand-computed switch steps for the tracker,
-equivalences for the rollout (== HF generate, batched == row by row, kept logits == a fresh forward) and
-the masking of the loss. CPU only, tiny random GPT-2 models, a few seconds in all.
+equivalences for the rollout (== HF generate, batched == row by row, kept logits == a fresh forward), the
+masking of the loss, and the program end to end (every method, seeds, DDP, bad input, scores).
+CPU only, tiny random GPT-2 models saved to tmp_path.
 
     python -m pytest -q test_adaswitch.py
 """
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+import adaswitch as A
 from adaswitch import (METRICS, MODES, SwitchTracker, completion_logits, distill_loss, divergence,
                        rollout)
 
@@ -555,3 +561,146 @@ def test_distill_loss_cuts_a_wider_teacher_vocab():
     """A teacher with extra (padded) ids is compared on the student's ids only."""
     s, t, mask = loss_inputs(vocab_t=12)
     assert torch.allclose(distill_loss(s, t, mask), distill_loss(s, t[..., :9], mask))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The program: every method end to end, reproducibility, DDP, clear errors, scores, the toy task.
+
+SCRIPT = Path(__file__).resolve().with_name("adaswitch.py")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny teacher and student saved with save_pretrained (char tokenizer) and a jsonl dataset."""
+    root = tmp_path_factory.mktemp("saved")
+    tokenizer = A.char_tokenizer()
+    for name, width in (("teacher", 48), ("student", 32)):
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=width, n_layer=2, n_head=2,
+                            bos_token_id=1, eos_token_id=1, pad_token_id=0)
+        GPT2LMHeadModel(config).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    rows = [{"question": f"{a}+{b}=", "answer": f"#### {a + b}"} for a in range(8) for b in range(5)]
+    (root / "data.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    return root
+
+
+def cli_args(saved: Path, out: Path, *extra: str) -> list[str]:
+    return ["--teacher", str(saved / "teacher"), "--student", str(saved / "student"),
+            "--dataset", str(saved / "data.jsonl"), "--prompt-field", "question", "--response-field", "answer",
+            "--max-steps", "2", "--batch-size", "4", "--max-new-tokens", "8", "--eval-samples", "4",
+            "--log-every", "1", "--window", "2", "--skd-top-k", "3", "--output-dir", str(out), *extra]
+
+
+def logged(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["sft", "supervised_kd", "off_policy", "on_policy", "skd", "adaswitch"])
+def test_every_method_trains_logs_and_saves(saved, tmp_path, method):
+    """Two steps of each method: finite losses logged per step, a summary, and a student that loads back."""
+    summary = A.main(cli_args(saved, tmp_path, "--method", method))
+    records = logged(tmp_path)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+    assert {"switch_rate", "switch_pos", "teacher_frac", "divergence", "tokens_per_s", "lr"} <= set(records[0])
+    assert summary["method"] == method and 0 <= summary["student_after"] <= 1
+    expected_teacher_frac = {"sft": 0.0, "supervised_kd": 0.0, "on_policy": 0.0, "off_policy": 1.0}
+    if method in expected_teacher_frac:
+        assert records[0]["teacher_frac"] == expected_teacher_frac[method]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    start = AutoModelForCausalLM.from_pretrained(saved / "student")
+    trained = dict(reloaded.named_parameters())
+    assert any(not torch.equal(p, trained[n]) for n, p in start.named_parameters()), "training changed nothing"
+
+
+def test_same_seed_same_losses(saved, tmp_path):
+    """Rollouts are sampled from seeded generators: the same --seed repeats a run exactly, another seed does not."""
+    losses = []
+    for i, seed in enumerate((3, 3, 4)):
+        A.main(cli_args(saved, tmp_path / str(i), "--method", "on_policy", "--seed", str(seed)))
+        losses.append([r["loss"] for r in logged(tmp_path / str(i))])
+    assert losses[0] == losses[1]
+    assert losses[0] != losses[2]
+
+
+def test_ddp_two_processes(saved, tmp_path):
+    """torchrun with 2 CPU processes (gloo): trains, and only rank 0 logs."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+               *cli_args(saved, tmp_path, "--method", "adaswitch", "--device", "cpu")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [r["step"] for r in logged(tmp_path)] == [1, 2]
+    assert (tmp_path / "student" / "config.json").exists()
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--window", "0", "--output-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("error: --window 0") and "--window 1 or more" in result.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--k", "-1"], "--k -1.0: .*use --k 0 or more"),
+    (["--method", "gkd"], "invalid choice: 'gkd'"),
+    (["--dataset", "missing.jsonl"], "not a file ending in .json, .jsonl or .csv"),
+    (["--prompt-field", "problem"], r"no field 'problem' \(fields: question, answer\); set --prompt-field"),
+    (["--method", "skd", "--skd-top-k", "17"], "covers the whole 17-token vocabulary.*use a smaller --skd-top-k"),
+])
+def test_bad_input_names_the_problem(saved, tmp_path, extra, message):
+    with pytest.raises(A.UsageError, match=message):
+        A.main(cli_args(saved, tmp_path) + extra)
+
+
+def test_empty_dataset(saved, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(A.UsageError, match="is empty"):
+        A.main(cli_args(saved, tmp_path, "--dataset", str(tmp_path / "empty.jsonl")))
+
+
+def test_tokenizer_mismatch(saved, tmp_path):
+    """A student whose tokenizer numbers the same characters differently is refused before any training."""
+    other = tmp_path / "other-student"
+    AutoModelForCausalLM.from_pretrained(saved / "student").save_pretrained(other)
+    A.char_tokenizer(A.TOY_CHARS[::-1]).save_pretrained(other)
+    with pytest.raises(A.UsageError, match="tokenizers of --teacher .* differ"):
+        A.main(cli_args(saved, tmp_path, "--student", str(other)))
+
+
+@pytest.mark.parametrize("text, number", [
+    ("so 3 + 4 = 7\n#### 7", "7"), ("#### 1,234", "1234"), ("costs $5.50 then 12 left", "12"),
+    ("#### -3.0", "-3"), ("answer 2.50 ####2.5 and 9", "2.5"), ("no digits", None),
+])
+def test_final_number(text, number):
+    assert A.final_number(text) == number
+
+
+def test_number_match_needs_a_number():
+    assert A.number_match("#### 42", "ends with 42") == 1.0
+    assert A.number_match("#### 41", "#### 42") == 0.0
+    assert A.number_match("none", "none either") == 0.0
+
+
+@pytest.mark.parametrize("prediction, reference, expected", [
+    ("the cat sat on the mat", "the cat sat on the mat", 1.0),
+    ("the cat sat on the mat", "the cat is on the mat", 2 * (5 / 6) * (5 / 6) / (5 / 6 + 5 / 6)),  # LCS 5 of 6 and 6
+    ("a b c d", "b d", 2 * (2 / 4) * (2 / 2) / (2 / 4 + 2 / 2)),                                   # LCS 'b d'
+    ("x y", "a b", 0.0),
+    ("", "a b", 0.0),
+])
+def test_rouge_l(prediction, reference, expected):
+    assert A.rouge_l(prediction, reference) == pytest.approx(expected)
+
+
+def test_toy_task_is_correct_and_splits_are_disjoint():
+    train, test = A.toy_rows(digits=3, test_size=50, train_size=500)
+    for row in train[:100] + test:
+        a, b = (int(x) for x in row["prompt"].rstrip("=").split("+"))
+        assert int(A.final_number(row["response"])) == a + b
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    tokenizer = A.char_tokenizer()
+    text = test[0]["prompt"] + test[0]["response"]
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
