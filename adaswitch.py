@@ -55,18 +55,18 @@ class Args:
     chat_template: bool = arg(True, "wrap prompts in the tokenizer's chat template when it has one")
     max_prompt_len: int = arg(512, "prompts longer than this are cut from the left")
     max_new_tokens: int = arg(64, "completion length limit, for rollouts, labels and evaluation")
-    eval_samples: int = arg(200, "test examples used for evaluation")
+    eval_samples: int = arg(500, "test examples used for evaluation")
     score: str = arg("auto", "evaluation: number (final number), rouge (ROUGE-L F1), exact; auto picks by dataset",
                      choices=("auto", "number", "rouge", "exact"))
     toy_digits: int = arg(3, "toy task: digits per operand")
     toy_teacher_steps: int = arg(1000, "toy task: SFT steps for the teacher (cached in --toy-dir)")
-    toy_student_steps: int = arg(150, "toy task: SFT warm-up steps for the student (cached in --toy-dir)")
+    toy_student_steps: int = arg(400, "toy task: SFT warm-up steps for the student (cached in --toy-dir)")
     toy_lr: float = arg(3e-3, "toy task: learning rate of the teacher's and the student's SFT")
     toy_dir: str = arg("runs/toy", "toy task: where the trained toy teacher and student are cached")
 
     method: str = arg("adaswitch", "how training sequences are made", group="training",
                       choices=("sft", "supervised_kd", "off_policy", "on_policy", "skd", "adaswitch"))
-    max_steps: int = arg(200, "optimizer steps")
+    max_steps: int = arg(300, "optimizer steps")
     batch_size: int = arg(32, "sequences per micro-batch (per process)")
     grad_accum: int = arg(1, "micro-batches per optimizer step")
     lr: float = arg(1e-3, "peak learning rate of AdamW")
@@ -117,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
         raise UsageError(f"--min-history {args.min_history}: use a value from 1 to --window ({args.window})")
     if (args.teacher is None) != (args.student is None):
         raise UsageError("give both --teacher and --student, or neither for the built-in toy task")
+    if args.skd_top_k is None:  # a top-25 on a 17-token vocabulary would keep every student token: on-policy
+        args.skd_top_k = 2 if args.teacher is None else 25
     for name in ("max_steps", "batch_size", "grad_accum", "max_new_tokens", "max_prompt_len", "eval_samples", "skd_top_k"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -672,7 +674,6 @@ def prepare_toy(args: Args, rank: int, world: int, device) -> Args:
     task almost always, and a smaller student warmed up briefly. Returns args pointing at their folders."""
     from transformers import GPT2Config, GPT2LMHeadModel
     tokenizer = char_tokenizer()
-    examples = encode(toy_rows(args.toy_digits, args.eval_samples)[0], tokenizer, args)
     paths = {}
     for name, shape, steps in (("teacher", TOY_TEACHER, args.toy_teacher_steps),
                                ("student", TOY_STUDENT, args.toy_student_steps)):
@@ -682,6 +683,7 @@ def prepare_toy(args: Args, rank: int, world: int, device) -> Args:
             config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, bos_token_id=tokenizer.eos_token_id,
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)
             model = GPT2LMHeadModel(config).to(device)
+            examples = encode(toy_rows(args.toy_digits, args.eval_samples)[0], tokenizer, args)
             batches = batch_stream(examples[rank::world], args.batch_size, tokenizer.pad_token_id, device, seed=0)
             train(model, None, batches, replace(args, method="sft", max_steps=steps, lr=args.toy_lr), tokenizer, rank, world)
             if rank == 0:
@@ -726,8 +728,6 @@ def main(argv: list[str] | None = None) -> dict:
         dist.init_process_group("nccl" if cuda else "gloo")
     started = time.perf_counter()
 
-    if args.skd_top_k is None:  # a top-25 on a 17-token vocabulary would keep every student token: on-policy
-        args = replace(args, skd_top_k=2 if args.teacher is None else 25)
     if args.teacher is None:
         args = prepare_toy(args, rank, world, device)
     tokenizer = load_tokenizer(args)
@@ -769,7 +769,7 @@ def main(argv: list[str] | None = None) -> dict:
         mean = lambda key: (sum(v) / len(v) if (v := [r[key] for r in history if r[key] is not None]) else None)  # noqa: E731
         summary = {"method": args.method, "dataset": args.dataset, "score": score, "teacher": teacher_score,
                    "student_before": before, "student_after": after, "switch_rate": mean("switch_rate"),
-                   "teacher_frac": mean("teacher_frac"), "divergence": mean("divergence"),
+                   "switch_pos": mean("switch_pos"), "teacher_frac": mean("teacher_frac"), "divergence": mean("divergence"),
                    "train_seconds": train_time, "seconds_per_step": train_time / args.max_steps,
                    "total_seconds": time.perf_counter() - started, "args": asdict(args)}
         (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -704,3 +704,47 @@ def test_toy_task_is_correct_and_splits_are_disjoint():
     tokenizer = A.char_tokenizer()
     text = test[0]["prompt"] + test[0]["response"]
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_encode_templates_cuts_and_eos():
+    """Chat template when the tokenizer has one (not with --no-chat-template), prompts cut from the left,
+    responses cut on the right after EOS is appended."""
+    tokenizer = A.char_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}#{{ m['content'] }}{% endfor %}="
+    rows = [{"prompt": "12+34", "response": "46"}]
+    args = A.parse_args(["--max-prompt-len", "4", "--max-new-tokens", "2"])
+    [example] = A.encode(rows, tokenizer, args)
+    assert tokenizer.decode(example["prompt"]) == "+34="                   # '#12+34=' cut to its last 4
+    assert example["response"] == tokenizer("46")["input_ids"][:2]          # EOS cut off by --max-new-tokens
+    [plain] = A.encode(rows, tokenizer, A.parse_args(["--no-chat-template"]))
+    assert tokenizer.decode(plain["prompt"]) == "12+34"
+    assert plain["response"][-1] == tokenizer.eos_token_id
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tutorial notebook
+
+
+def test_tutorial_notebook_runs_at_smoke_size(tmp_path, monkeypatch):
+    """tutorial.ipynb executed top to bottom by a python3 kernel with ADASWITCH_SMOKE=1 (about a minute): its own
+    checks must hold (the recomputed switch rule), its figures are saved, and everything it writes (toy models,
+    runs, figures, kernel and matplotlib files) lands in tmp_path."""
+    import os
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    here = Path(__file__).resolve().parent
+    env = {"ADASWITCH_SMOKE": "1", "ADASWITCH_RUNS": tmp_path / "runs", "ADASWITCH_FIGURES": tmp_path / "figures",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(here), os.environ.get("PYTHONPATH")) if p),
+           "MPLCONFIGDIR": tmp_path / "matplotlib", "IPYTHONDIR": tmp_path / "ipython",
+           "JUPYTER_RUNTIME_DIR": tmp_path / "jupyter", "PYTHONDONTWRITEBYTECODE": "1"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    notebook = nbformat.read(here / "tutorial.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises on the first failing cell
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "comparison.png", "distributions.png", "tracker.png", "training_step.png"]
+    assert all((tmp_path / "runs" / "tutorial" / f"{m}-0" / "summary.json").exists()
+               for m in ("sft", "supervised_kd", "off_policy", "on_policy", "skd", "adaswitch"))
