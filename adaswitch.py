@@ -110,16 +110,17 @@ def parse_args(argv: list[str] | None = None) -> Args:
             group.add_argument(flag, type=kind, default=f.default, choices=meta["choices"], help=text)
     args = Args(**vars(parser.parse_args(argv)))
     if args.window < 1:
-        raise UsageError(f"--window {args.window}: the moving average needs at least one divergence; use --window 1 or more")
+        raise UsageError(f"--window {args.window}: the moving average needs a divergence; use --window 1 or more")
     if not args.k >= 0:
-        raise UsageError(f"--k {args.k}: the threshold is K times an average of divergences; use --k 0 or more (inf: never switch)")
+        raise UsageError(f"--k {args.k}: the threshold is K times a mean divergence; use --k 0 or more (inf: never)")
     if args.min_history is not None and not 1 <= args.min_history <= args.window:
         raise UsageError(f"--min-history {args.min_history}: use a value from 1 to --window ({args.window})")
     if (args.teacher is None) != (args.student is None):
         raise UsageError("give both --teacher and --student, or neither for the built-in toy task")
     if args.skd_top_k is None:  # a top-25 on a 17-token vocabulary would keep every student token: on-policy
         args.skd_top_k = 2 if args.teacher is None else 25
-    for name in ("max_steps", "batch_size", "grad_accum", "max_new_tokens", "max_prompt_len", "eval_samples", "skd_top_k"):
+    for name in ("max_steps", "batch_size", "grad_accum", "max_new_tokens", "max_prompt_len", "eval_samples",
+                 "skd_top_k"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     return args
@@ -380,7 +381,8 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mas
     valid tokens of the whole accumulation window.
     """
     vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
-    d = divergence(teacher_logits[..., :vocab].detach(), student_logits[..., :vocab], metric, beta, temperature)  # [B, N]
+    d = divergence(teacher_logits[..., :vocab].detach(), student_logits[..., :vocab], metric, beta,
+                   temperature)                                                                        # [B, N]
     keep = mask.bool()
     total = torch.where(keep, d, 0.0).sum()  # where, not d * mask: inf * 0 at a masked position would be NaN
     return total / (keep.sum().clamp(min=1) if num_tokens is None else num_tokens)
@@ -546,7 +548,7 @@ def load_rows(args: Args) -> tuple[list[dict], list[dict]]:
     """(train, test) rows of {'prompt': text with the task's template, 'response': text}."""
     if args.dataset == "toy":
         if 10 * args.toy_digits + 6 > args.max_new_tokens:  # the worked solution and EOS must fit
-            raise UsageError(f"--toy-digits {args.toy_digits} needs --max-new-tokens {10 * args.toy_digits + 6} or more")
+            raise UsageError(f"--toy-digits {args.toy_digits} needs --max-new-tokens {10 * args.toy_digits + 6}")
         return toy_rows(args.toy_digits, args.eval_samples)
     from datasets import load_dataset
     if args.dataset in TASKS:
@@ -636,7 +638,8 @@ def train(student, teacher, batches, args: Args, tokenizer, rank: int = 0, world
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     warmup = max(1, round(args.warmup_ratio * args.max_steps))
     decay = max(1, args.max_steps - warmup)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, (args.max_steps - s) / decay))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, (args.max_steps - s) / decay))  # linear up, then linear down to 0
     generator = torch.Generator(device).manual_seed(args.seed + rank)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
     history, bar = [], tqdm(range(1, args.max_steps + 1), desc=args.method, leave=False,
@@ -685,7 +688,8 @@ def prepare_toy(args: Args, rank: int, world: int, device) -> Args:
             model = GPT2LMHeadModel(config).to(device)
             examples = encode(toy_rows(args.toy_digits, args.eval_samples)[0], tokenizer, args)
             batches = batch_stream(examples[rank::world], args.batch_size, tokenizer.pad_token_id, device, seed=0)
-            train(model, None, batches, replace(args, method="sft", max_steps=steps, lr=args.toy_lr), tokenizer, rank, world)
+            sft = replace(args, method="sft", max_steps=steps, lr=args.toy_lr)
+            train(model, None, batches, sft, tokenizer, rank, world)
             if rank == 0:
                 model.save_pretrained(path)
                 tokenizer.save_pretrained(path)
@@ -769,7 +773,8 @@ def main(argv: list[str] | None = None) -> dict:
         mean = lambda key: (sum(v) / len(v) if (v := [r[key] for r in history if r[key] is not None]) else None)  # noqa: E731
         summary = {"method": args.method, "dataset": args.dataset, "score": score, "teacher": teacher_score,
                    "student_before": before, "student_after": after, "switch_rate": mean("switch_rate"),
-                   "switch_pos": mean("switch_pos"), "teacher_frac": mean("teacher_frac"), "divergence": mean("divergence"),
+                   "switch_pos": mean("switch_pos"), "teacher_frac": mean("teacher_frac"),
+                   "divergence": mean("divergence"),
                    "train_seconds": train_time, "seconds_per_step": train_time / args.max_steps,
                    "total_seconds": time.perf_counter() - started, "args": asdict(args)}
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
