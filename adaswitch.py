@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import logging as hf_logging
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments: one dataclass; `--help` lists every field with its default.
@@ -723,6 +724,7 @@ def load_tokenizer(args: Args):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    hf_logging.disable_progress_bar()  # loading bars for every model file would bury the report
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no GPU is visible; use --device cpu")
