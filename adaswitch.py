@@ -283,7 +283,6 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
     ids, mask = input_ids, attention_mask                                             # [B, P], [B, P]
     positions = position_ids(attention_mask)                                          # [B, P]
     done = torch.zeros(batch, dtype=torch.bool, device=device)                        # [B] row has written EOS
-    no_rows = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, from_teacher, written, divergences, teacher_logits = [], [], [], [], []
     try:
         for _ in range(max_new_tokens):
@@ -299,14 +298,14 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
                 logits[name] = out.logits[:, -1, :vocab]                               # [B, V]
             s_logits, t_logits = logits.get("student"), logits.get("teacher")
             d = torch.zeros(batch, device=device)                                      # [B]
-            measured = no_rows
+            measured = torch.zeros_like(done)                                          # [B]
             if s_logits is not None and t_logits is not None:
                 d = divergence(t_logits, s_logits, metric, temperature=temperature)
                 measured = active if tracker is None else active & ~tracker.switched
 
             s_token = None
             if mode == "student":
-                by_teacher = no_rows
+                by_teacher = torch.zeros_like(done)
             elif mode == "teacher":
                 by_teacher = active
             elif mode == "skd":
@@ -687,9 +686,11 @@ def prepare_toy(args: Args, rank: int, world: int, device) -> Args:
             config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, bos_token_id=tokenizer.eos_token_id,
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)
             model = GPT2LMHeadModel(config).to(device)
-            examples = encode(toy_rows(args.toy_digits, args.eval_samples)[0], tokenizer, args)
-            batches = batch_stream(examples[rank::world], args.batch_size, tokenizer.pad_token_id, device, seed=0)
-            sft = replace(args, method="sft", max_steps=steps, lr=args.toy_lr)
+            # Fixed SFT settings (Args' defaults, warm-up 0.05): the cache depends on the --toy-* flags only.
+            sft = replace(Args(), method="sft", max_steps=steps, lr=args.toy_lr, warmup_ratio=0.05,
+                          max_new_tokens=10 * args.toy_digits + 6)
+            examples = encode(toy_rows(args.toy_digits, sft.eval_samples)[0], tokenizer, sft)
+            batches = batch_stream(examples[rank::world], sft.batch_size, tokenizer.pad_token_id, device, seed=0)
             train(model, None, batches, sft, tokenizer, rank, world)
             if rank == 0:
                 model.save_pretrained(path)
