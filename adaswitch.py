@@ -3,7 +3,8 @@
 The student writes each sequence until its next-token distribution drifts too far from the teacher's
 (d_i > k * mean of the last `window` divergences); from that step on the teacher writes the rest. The
 student is then trained to match the teacher on every token of the mixed sequence.
-Paper: "AdaSwitch: Adaptive Switching Generation for Knowledge Distillation", arXiv 2510.07842.
+Paper: Peng et al., "AdaSwitch: Balancing Exploration and Guidance in Knowledge Distillation via Adaptive
+Switching" (first titled "AdaSwitch: Adaptive Switching Generation for Knowledge Distillation"), arXiv 2510.07842.
 
     python adaswitch.py                                        # offline default: toy task, tiny models
     python adaswitch.py --teacher Qwen/Qwen2.5-7B-Instruct --student Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k
@@ -42,7 +43,7 @@ class Args:
     seed: int = arg(0, "seed for initialization, data order and sampling", group="run")
     output_dir: str = arg("runs/adaswitch", "where metrics.jsonl, summary.json and the trained student go")
     device: str = arg("auto", "auto (cuda when present), cpu or cuda")
-    dtype: str = arg("float32", "weights dtype; on GPU training also runs under bf16 autocast",
+    dtype: str = arg("float32", "the teacher's weights; the student keeps float32 weights, on GPU under bf16 autocast",
                      choices=("float32", "bfloat16"))
     log_every: int = arg(10, "steps between lines of metrics.jsonl")
     eval_every: int = arg(0, "steps between evaluations during training (0: only before and after)")
@@ -257,14 +258,12 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, do_sample: bool = Tru
 @torch.no_grad()
 def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str, *,
             max_new_tokens: int, window: int = 8, k: float = 1.5, skd_top_k: int = 25, metric: str = "fkl",
-            temperature: float = 1.0, do_sample: bool = True, eos_token_id: int | list[int] | None = None,
-            pad_token_id: int = 0, generator: torch.Generator | None = None, min_history: int | None = None,
-            teacher_writes_switch_token: bool = True) -> Rollout:
-    """Write a completion for every left-padded prompt in input_ids [B, P]; see MODES.
-
-    Both models keep a KV cache and see only the new token at each step. Logits are compared and sampled
-    over the shared first min(V_student, V_teacher) ids (padded embedding tables within one family).
-    """
+            beta: float = 0.5, temperature: float = 1.0, do_sample: bool = True,
+            eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, generator=None,
+            min_history: int | None = None, teacher_writes_switch_token: bool = True) -> Rollout:
+    """Write a completion for every left-padded prompt in input_ids [B, P]; see MODES. Both models keep a KV
+    cache and see only the new token at each step. Logits are compared and sampled over the shared first
+    min(V_student, V_teacher) ids (padded embedding tables within one family)."""
     if mode not in MODES:
         raise ValueError(f"unknown rollout mode {mode!r}; choose one of {', '.join(MODES)}")
     models = {"student": student, "teacher": teacher}
@@ -300,7 +299,7 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
             d = torch.zeros(batch, device=device)                                      # [B]
             measured = torch.zeros_like(done)                                          # [B]
             if s_logits is not None and t_logits is not None:
-                d = divergence(t_logits, s_logits, metric, temperature=temperature)
+                d = divergence(t_logits, s_logits, metric, beta, temperature)
                 measured = active if tracker is None else active & ~tracker.switched
 
             s_token = None
@@ -345,10 +344,8 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
 
     completion = torch.stack(tokens, dim=1)                                            # [B, N]
     completion_mask = torch.stack(written, dim=1).long()                               # [B, N]
-    if tracker is not None:
-        switch_step = tracker.switch_step
-    else:
-        switch_step = torch.full((batch,), 0 if mode == "teacher" else -1, dtype=torch.long, device=device)
+    switch_step = tracker.switch_step if tracker is not None else torch.full(
+        (batch,), 0 if mode == "teacher" else -1, dtype=torch.long, device=device)                      # [B]
     return Rollout(
         sequences=torch.cat([input_ids, completion], dim=1),                           # [B, P+N]
         attention_mask=torch.cat([attention_mask.long(), completion_mask], dim=1),     # [B, P+N]
@@ -365,21 +362,16 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
 
 
 def completion_logits(logits: torch.Tensor, num_new: int) -> torch.Tensor:
-    """The logits that predict the last num_new tokens: the logit at position t predicts token t+1.
-
-    [B, P+N, V] (or the last N+1 positions only, as `logits_to_keep=N+1` returns) -> [B, N, V].
-    """
+    """The logits that predict the last num_new tokens (the logit at t predicts token t+1): [B, P+N, V] -> [B, N, V].
+    Also takes the last N+1 positions only, as `logits_to_keep=N+1` returns them."""
     return logits[:, -num_new - 1:-1]
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                  metric: str = "fkl", beta: float = 0.5, temperature: float = 1.0,
                  num_tokens: float | None = None) -> torch.Tensor:
-    """Mean divergence over positions where mask [B, N] is 1; gradients reach the student only.
-
-    num_tokens replaces mask.sum() as the divisor, so gradient accumulation can normalize by the
-    valid tokens of the whole accumulation window.
-    """
+    """Mean divergence over positions where mask [B, N] is 1; gradients reach the student only. num_tokens
+    replaces mask.sum() as the divisor, so gradient accumulation can divide by a whole window's tokens."""
     vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
     d = divergence(teacher_logits[..., :vocab].detach(), student_logits[..., :vocab], metric, beta,
                    temperature)                                                                        # [B, N]
@@ -394,10 +386,6 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mas
 ROLLOUT_MODE = {"off_policy": "teacher", "on_policy": "student", "skd": "skd", "adaswitch": "adaswitch"}
 
 
-def unwrap(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def make_sequences(batch: dict, student, teacher, args: Args, eos_token_id: int, pad_token_id: int,
                    generator: torch.Generator | None = None) -> Rollout:
     """Ground truth for sft and supervised_kd; a rollout in the method's mode otherwise."""
@@ -409,9 +397,10 @@ def make_sequences(batch: dict, student, teacher, args: Args, eos_token_id: int,
                        completion_mask=response_mask, from_teacher=torch.zeros_like(response_mask, dtype=torch.bool),
                        switch_step=torch.full_like(response_mask[:, 0], -1),
                        divergences=torch.zeros_like(response_mask, dtype=torch.float))
-    return rollout(unwrap(student), teacher, prompt_ids, prompt_mask, ROLLOUT_MODE[args.method],
+    student = getattr(student, "module", student)  # under DDP the rollout runs the bare model, without hooks
+    return rollout(student, teacher, prompt_ids, prompt_mask, ROLLOUT_MODE[args.method],
                    max_new_tokens=args.max_new_tokens, window=args.window, k=args.k, skd_top_k=args.skd_top_k,
-                   metric=args.metric, temperature=args.temperature, eos_token_id=eos_token_id,
+                   metric=args.metric, beta=args.beta, temperature=args.temperature, eos_token_id=eos_token_id,
                    pad_token_id=pad_token_id, generator=generator, min_history=args.min_history,
                    teacher_writes_switch_token=args.teacher_writes_switch_token)
 
@@ -491,7 +480,7 @@ def evaluate(model, tokenizer, batches: list[dict], args: Args, score: str) -> f
     """Mean score of the model's greedy completions (the student writes alone: rollout mode 'student')."""
     scores = []
     for batch in batches:
-        out = rollout(unwrap(model), None, batch["prompt_ids"], batch["prompt_mask"], "student",
+        out = rollout(model, None, batch["prompt_ids"], batch["prompt_mask"], "student",
                       max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id)
         completions = out.sequences[:, batch["prompt_ids"].shape[1]:]                          # [B, N]
@@ -545,14 +534,14 @@ def char_tokenizer(chars: str = TOY_CHARS):
 
 
 def load_rows(args: Args) -> tuple[list[dict], list[dict]]:
-    """(train, test) rows of {'prompt': text with the task's template, 'response': text}."""
+    """(train, test) rows of {'prompt': text, 'response': text}; `encode` adds the task's template."""
     if args.dataset == "toy":
         if 10 * args.toy_digits + 6 > args.max_new_tokens:  # the worked solution and EOS must fit
             raise UsageError(f"--toy-digits {args.toy_digits} needs --max-new-tokens {10 * args.toy_digits + 6}")
         return toy_rows(args.toy_digits, args.eval_samples)
     from datasets import load_dataset
     if args.dataset in TASKS:
-        name, config, prompt_field, response_field, template = TASKS[args.dataset]
+        name, config, prompt_field, response_field, _ = TASKS[args.dataset]
         splits = load_dataset(name, config)
         train, test = splits["train"], splits["test"]
     else:
@@ -568,27 +557,38 @@ def load_rows(args: Args) -> tuple[list[dict], list[dict]]:
             raise UsageError(f"--dataset {path} has {len(data)} row(s); it needs at least 2 (train and test)")
         split = data.train_test_split(test_size=min(args.eval_samples, max(1, len(data) // 10)), seed=args.seed)
         train, test = split["train"], split["test"]
-        prompt_field, response_field, template = "prompt", "response", "{prompt}"
+        prompt_field, response_field = "prompt", "response"
     prompt_field, response_field = args.prompt_field or prompt_field, args.response_field or response_field
     for flag, column in (("--prompt-field", prompt_field), ("--response-field", response_field)):
         if column not in train.column_names:
             raise UsageError(f"{args.dataset} has no field {column!r} (fields: {', '.join(train.column_names)}); "
                              f"set {flag}")
     test = test.select(range(min(args.eval_samples, len(test))))
-    return tuple([{"prompt": template.format(prompt=row[prompt_field]), "response": str(row[response_field])}
-                  for row in split] for split in (train, test))
+    return tuple([{"prompt": str(row[prompt_field]), "response": str(row[response_field])} for row in split]
+                 for split in (train, test))
 
 
 def encode(rows: list[dict], tokenizer, args: Args) -> list[dict]:
-    """Token ids: the prompt (chat template when there is one, cut from the left), the response + EOS (cut right)."""
-    prompts = [row["prompt"] for row in rows]
+    """Token ids: the prompt in its task template and chat template, the response + EOS (cut on the right).
+    A prompt over --max-prompt-len loses the start of its content, never the instruction or the chat markup."""
+    template = TASKS[args.dataset][4] if args.dataset in TASKS else "{prompt}"
     chat = args.chat_template and tokenizer.chat_template is not None
-    if chat:
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                 tokenize=False) for p in prompts]
-    prompt_ids = tokenizer(prompts, add_special_tokens=not chat)["input_ids"]
+
+    def wrap(contents: list[str]) -> list[list[int]]:
+        texts = [template.format(prompt=c) for c in contents]
+        if chat:
+            texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                   tokenize=False) for t in texts]
+        return tokenizer(texts, add_special_tokens=not chat)["input_ids"]
+
+    prompt_ids = wrap([row["prompt"] for row in rows])
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) > args.max_prompt_len:
+            content = tokenizer(rows[i]["prompt"], add_special_tokens=False)["input_ids"]
+            kept = tokenizer.decode(content[len(ids) - args.max_prompt_len:])
+            prompt_ids[i] = wrap([kept])[0][-args.max_prompt_len:]  # re-tokenizing may shift a token or two
     response_ids = tokenizer([row["response"] for row in rows], add_special_tokens=False)["input_ids"]
-    return [{"prompt": p[-args.max_prompt_len:], "response": (r + [tokenizer.eos_token_id])[:args.max_new_tokens],
+    return [{"prompt": p, "response": (r + [tokenizer.eos_token_id])[:args.max_new_tokens],
              "reference": row["response"]} for p, r, row in zip(prompt_ids, response_ids, rows) if p]
 
 
@@ -624,11 +624,6 @@ TOY_TEACHER = dict(n_embd=128, n_layer=4, n_head=4)
 TOY_STUDENT = dict(n_embd=64, n_layer=2, n_head=2)
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def train(student, teacher, batches, args: Args, tokenizer, rank: int = 0, world: int = 1,
           test_batches: list[dict] | None = None, score: str = "exact", log_path: Path | None = None) -> list[dict]:
     """AdamW, linear warm-up then decay; each step: build the sequences, score them, clip, step."""
@@ -650,6 +645,9 @@ def train(student, teacher, batches, args: Args, tokenizer, rank: int = 0, world
             seqs = [make_sequences(next(batches), model, teacher, args, tokenizer.eos_token_id,
                                    tokenizer.pad_token_id, generator) for _ in range(args.grad_accum)]
         num_tokens = sum(seq.completion_mask.sum() for seq in seqs).clamp(min=1)
+        if world > 1:  # DDP averages gradients over ranks: divide by the mean token count of all ranks
+            dist.all_reduce(num_tokens)
+            num_tokens = num_tokens / world
         loss = 0.0
         for seq in seqs:
             with autocast:
@@ -695,16 +693,17 @@ def prepare_toy(args: Args, rank: int, world: int, device) -> Args:
             if rank == 0:
                 model.save_pretrained(path)
                 tokenizer.save_pretrained(path)
-            barrier()
+            if dist.is_initialized():
+                dist.barrier()
         paths[name] = str(path)
     return replace(args, teacher=paths["teacher"], student=paths["student"], dataset="toy")
 
 
-def load_model(name: str, args: Args, device):
+def load_model(name: str, dtype: str, device):
     if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
         raise UsageError(f"model folder {name} does not exist; give a hub id or a folder saved with save_pretrained")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, args.dtype))
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype))
     except OSError as error:
         raise UsageError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from None
     return model.to(device)
@@ -738,8 +737,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.teacher is None:
         args = prepare_toy(args, rank, world, device)
     tokenizer = load_tokenizer(args)
-    teacher = load_model(args.teacher, args, device).eval().requires_grad_(False)
-    student = load_model(args.student, args, device)
+    teacher = load_model(args.teacher, args.dtype, device).eval().requires_grad_(False)
+    student = load_model(args.student, "float32", device)  # bf16 weights would round away most AdamW updates
     if len(tokenizer) > min(vocab_size(teacher), vocab_size(student)):
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but a model has only "
                          f"{min(vocab_size(teacher), vocab_size(student))} output logits; check --teacher/--student")
@@ -786,8 +785,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"  switch rate    {summary['switch_rate']:.2f}   teacher tokens {summary['teacher_frac']:.2f}\n"
               f"  time           {train_time:.0f} s training, {summary['total_seconds']:.0f} s in all; "
               f"student saved to {out / 'student'}")
-    barrier()
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
     return summary
 

@@ -433,13 +433,14 @@ def test_teacher_logits_equal_a_fresh_forward(student, teacher, prompts, mode):
     assert torch.allclose(ro.teacher_logits[keep], fresh_logits(teacher, ro)[keep], atol=1e-3)
 
 
-@pytest.mark.parametrize("mode,metric,k", [("skd", "fkl", 1.5), ("adaswitch", "fkl", 1.5), ("adaswitch", "rkl", 1.5),
-                                           ("adaswitch", "jsd", 1.1), ("adaswitch", "tvd", 1.1),
-                                           ("teacher", "fkl", 1.5), ("student", "fkl", 1.5)])
-def test_divergences_where_both_models_ran(student, teacher, prompts, mode, metric, k):
+@pytest.mark.parametrize("mode,metric,k,beta", [("skd", "fkl", 1.5, 0.5), ("adaswitch", "fkl", 1.5, 0.5),
+                                                ("adaswitch", "rkl", 1.5, 0.5), ("adaswitch", "jsd", 1.1, 0.5),
+                                                ("adaswitch", "jsd", 1.1, 0.1), ("adaswitch", "tvd", 1.1, 0.5),
+                                                ("teacher", "fkl", 1.5, 0.5), ("student", "fkl", 1.5, 0.5)])
+def test_divergences_where_both_models_ran(student, teacher, prompts, mode, metric, k, beta):
     """divergences is nonzero exactly where both models ran (adaswitch: up to and including the switch step,
-    unfinished rows only) and there equals divergence() of fresh teacher and student logits."""
-    _, ro = run_with_eos(student, teacher, prompts, mode, window=2, k=k, skd_top_k=5, metric=metric)
+    unfinished rows only) and there equals divergence() of fresh teacher and student logits, beta included."""
+    _, ro = run_with_eos(student, teacher, prompts, mode, window=2, k=k, skd_top_k=5, metric=metric, beta=beta)
     keep = ro.completion_mask.bool()
     steps = torch.arange(keep.shape[1])
     if mode in ("student", "teacher"):
@@ -450,7 +451,7 @@ def test_divergences_where_both_models_ran(student, teacher, prompts, mode, metr
         both = keep & ((ro.switch_step[:, None] < 0) | (steps <= ro.switch_step[:, None]))
         assert (ro.switch_step >= 0).any() and not both[keep].all()
     assert torch.equal(ro.divergences != 0, both)
-    fresh = divergence(fresh_logits(teacher, ro), fresh_logits(student, ro), metric)
+    fresh = divergence(fresh_logits(teacher, ro), fresh_logits(student, ro), metric, beta)
     assert torch.allclose(ro.divergences[both], fresh[both], rtol=1e-3, atol=1e-4)
 
 
@@ -614,6 +615,13 @@ def test_every_method_trains_logs_and_saves(saved, tmp_path, method):
     assert any(not torch.equal(p, trained[n]) for n, p in start.named_parameters()), "training changed nothing"
 
 
+def test_bfloat16_teacher_float32_student(saved, tmp_path):
+    """--dtype applies to the teacher; the student keeps float32 weights (bf16 would round away AdamW updates)."""
+    A.main(cli_args(saved, tmp_path, "--method", "adaswitch", "--dtype", "bfloat16"))
+    assert json.loads((tmp_path / "student" / "config.json").read_text())["dtype"] == "float32"
+    assert all(math.isfinite(r["loss"]) for r in logged(tmp_path))
+
+
 def test_same_seed_same_losses(saved, tmp_path):
     """Rollouts are sampled from seeded generators: the same --seed repeats a run exactly, another seed does not."""
     losses = []
@@ -707,14 +715,14 @@ def test_toy_task_is_correct_and_splits_are_disjoint():
 
 
 def test_encode_templates_cuts_and_eos():
-    """Chat template when the tokenizer has one (not with --no-chat-template), prompts cut from the left,
-    responses cut on the right after EOS is appended."""
+    """Chat template when the tokenizer has one (not with --no-chat-template); long prompts lose the start of
+    their content but keep the template; responses are cut on the right after EOS is appended."""
     tokenizer = A.char_tokenizer()
     tokenizer.chat_template = "{% for m in messages %}#{{ m['content'] }}{% endfor %}="
     rows = [{"prompt": "12+34", "response": "46"}]
     args = A.parse_args(["--max-prompt-len", "4", "--max-new-tokens", "2"])
     [example] = A.encode(rows, tokenizer, args)
-    assert tokenizer.decode(example["prompt"]) == "+34="                   # '#12+34=' cut to its last 4
+    assert tokenizer.decode(example["prompt"]) == "#34="                   # '#12+34=' keeps its markup
     assert example["response"] == tokenizer("46")["input_ids"][:2]          # EOS cut off by --max-new-tokens
     [plain] = A.encode(rows, tokenizer, A.parse_args(["--no-chat-template"]))
     assert tokenizer.decode(plain["prompt"]) == "12+34"
