@@ -21,6 +21,7 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -731,7 +732,7 @@ def main(argv: list[str] | None = None) -> dict:
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))  # rank 0 evaluates alone
     started = time.perf_counter()
 
     if args.teacher is None:
