@@ -124,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
         args.skd_top_k = 2 if args.teacher is None else 25
     for name in ("max_steps", "batch_size", "grad_accum", "max_new_tokens", "max_prompt_len", "eval_samples",
                  "skd_top_k"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
+        if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     return args
 
@@ -740,9 +740,9 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(args)
     teacher = load_model(args.teacher, args.dtype, device).eval().requires_grad_(False)
     student = load_model(args.student, "float32", device)  # bf16 weights would round away most AdamW updates
-    if len(tokenizer) > min(vocab_size(teacher), vocab_size(student)):
-        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but a model has only "
-                         f"{min(vocab_size(teacher), vocab_size(student))} output logits; check --teacher/--student")
+    if len(tokenizer) > (logits := min(vocab_size(teacher), vocab_size(student))):
+        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but a model has only {logits} output logits; "
+                         "check --teacher/--student")
     if args.method == "skd" and args.skd_top_k >= len(tokenizer):
         raise UsageError(f"--skd-top-k {args.skd_top_k} covers the whole {len(tokenizer)}-token vocabulary, so SKD "
                          "would never replace a token (that is on_policy); use a smaller --skd-top-k")
