@@ -5,8 +5,12 @@ CPU only, tiny random GPT-2 models saved to tmp_path.
 
     python -m pytest -q test_adaswitch.py
 """
+import copy
 import json
 import math
+import os
+import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, GPT2Config,
+                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
 
 import adaswitch as A
 from adaswitch import (METRICS, MODES, SwitchTracker, completion_logits, distill_loss, divergence,
@@ -189,6 +195,30 @@ def test_divergence_rejects_bad_metric_and_shapes():
 def test_divergence_reduces_the_last_dim(shape, metric):
     """[..., V] -> [...]."""
     assert divergence(torch.randn(shape), torch.randn(shape), metric).shape == shape[:-1]
+
+
+def test_divergences_at_temperature_two():
+    """Logits are divided by T before the softmax: at T = 2, logits 2 log p give back the distributions p."""
+    t, s = 2 * probs_logits([0.5, 0.5]), 2 * probs_logits([0.9, 0.1])
+    expected = {"fkl": 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1),
+                "rkl": 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5),
+                "tvd": 0.4,
+                "jsd": 0.5 * (0.5 * math.log(0.5 / 0.7) + 0.5 * math.log(0.5 / 0.3))
+                + 0.5 * (0.9 * math.log(0.9 / 0.7) + 0.1 * math.log(0.1 / 0.3))}
+    for metric, value in expected.items():
+        assert divergence(t, s, metric, temperature=2.0).item() == pytest.approx(value, rel=1e-5), metric
+        assert divergence(t, s, metric).item() != pytest.approx(value, rel=1e-2), metric  # T = 1 is another value
+    s3, t3, mask = loss_inputs()
+    d = divergence(t3, s3, "fkl", temperature=2.0)
+    assert torch.allclose(distill_loss(s3, t3, mask, "fkl", temperature=2.0), d[mask.bool()].mean())
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, math.nan, INF])
+def test_divergence_rejects_temperatures_that_cannot_divide_logits(temperature):
+    """T <= 0 or non-finite raises ValueError (instead of inf / nan divergences)."""
+    x = torch.randn(2, 5)
+    with pytest.raises(ValueError, match="temperature"):
+        divergence(x, x + 1, "fkl", temperature=temperature)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -488,6 +518,69 @@ def test_rollout_rejects_bad_mode(student, teacher, prompts):
         run(student, teacher, prompts, "gkd")
 
 
+def test_sampling_at_temperature_half():
+    """sample(logits, T=0.5) draws from softmax(logits / 0.5) with the given generator (not from softmax(logits))."""
+    logits = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    drawn = A.sample(logits, 0.5, generator=torch.Generator().manual_seed(1))
+    expected = torch.multinomial(F.softmax(logits / 0.5, -1), 1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(drawn, expected.squeeze(-1))
+    assert not torch.equal(drawn, A.sample(logits, 1.0, generator=torch.Generator().manual_seed(1)))
+
+
+@torch.no_grad()
+def test_sampled_rollout_at_temperature_half_equals_a_plain_loop(student, teacher, prompts):
+    """A sampled student rollout at T = 0.5 == a loop of full forwards, softmax(logits / 0.5), multinomial with the
+    same generator: the temperature reaches the rollout's sampling."""
+    ro = run(student, teacher, prompts, "student", do_sample=True, temperature=0.5,
+             generator=torch.Generator().manual_seed(0))
+    ids, mask, gen = prompts[0], prompts[1], torch.Generator().manual_seed(0)
+    for _ in range(N):
+        logits = student(input_ids=ids, attention_mask=mask, position_ids=A.position_ids(mask)).logits[:, -1]
+        token = torch.multinomial(F.softmax(logits / 0.5, -1), 1, generator=gen)        # [B, 1]
+        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    assert torch.equal(ro.sequences, ids)
+    at_one = run(student, teacher, prompts, "student", do_sample=True, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(ro.sequences, at_one.sequences)
+
+
+# Rotary, grouped-query and sliding-window families: (model class, config class, extra config).
+# The sliding-window configs use a window of 4 on sequences of up to 17 tokens, so the window matters.
+FAMILIES = {
+    "llama": (LlamaForCausalLM, LlamaConfig, dict(initializer_range=0.5)),
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config, dict(initializer_range=0.5, use_sliding_window=True,
+                                                  sliding_window=4, max_window_layers=0)),
+    "mistral": (MistralForCausalLM, MistralConfig, dict(initializer_range=0.5, sliding_window=4)),
+    "gemma2": (Gemma2ForCausalLM, Gemma2Config, dict(initializer_range=0.02, sliding_window=4, head_dim=8)),
+}
+
+
+def tiny_family(family: str, seed: int = 0, **overrides):
+    """A random 2-layer model of the family: 4 query heads sharing 2 key/value heads (grouped-query attention)."""
+    model_class, config_class, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = config_class(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD, **{**extra, **overrides})
+    return model_class(config).eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_rollout_equals_generate_across_families(family, prompts):
+    """Greedy student and teacher modes == HF generate on a left-padded batch (rotary positions skip the padding,
+    grouped-query heads, sliding windows), EOS and padding included."""
+    model = tiny_family(family)
+    reference = model.generate(input_ids=prompts[0], attention_mask=prompts[1], do_sample=False,
+                               max_new_tokens=N, eos_token_id=EOS, pad_token_id=PAD)
+    assert len(set(reference[:, -N:].flatten().tolist())) > 3  # varied completions: the check has teeth
+    for mode, pair in (("student", (model, None)), ("teacher", (None, model))):
+        ro = run(*pair, prompts, mode, eos_token_id=EOS)
+        assert torch.equal(ro.sequences, reference), mode
+    if "sliding_window" in FAMILIES[family][2]:  # the window changes this model's completions
+        wide = tiny_family(family, sliding_window=64)
+        assert not torch.equal(wide.generate(input_ids=prompts[0], attention_mask=prompts[1], do_sample=False,
+                                             max_new_tokens=N, eos_token_id=EOS, pad_token_id=PAD), reference)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Losses
 
@@ -648,15 +741,16 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
-    assert result.stderr.startswith("error: --window 0") and "--window 1 or more" in result.stderr
+    assert result.stderr.startswith("error:") and re.search(flag_name("--window"), result.stderr)
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--k", "-1"], "--k -1.0: .*use --k 0 or more"),
+    (["--k", "-1"], r"\bk\b.*-1"),
     (["--method", "gkd"], "invalid choice: 'gkd'"),
     (["--dataset", "missing.jsonl"], "not a file ending in .json, .jsonl or .csv"),
-    (["--prompt-field", "problem"], r"no field 'problem' \(fields: question, answer\); set --prompt-field"),
-    (["--method", "skd", "--skd-top-k", "17"], "covers the whole 17-token vocabulary.*use a smaller --skd-top-k"),
+    (["--prompt-field", "problem"], r"no field 'problem' \(fields: .*question.*\); set --prompt-field"),
+    (["--method", "skd", "--skd-top-k", str(len(A.char_tokenizer()))],
+     rf"covers the whole {len(A.char_tokenizer())}-token vocabulary.*use a smaller --skd-top-k"),
 ])
 def test_bad_input_names_the_problem(saved, tmp_path, extra, message):
     with pytest.raises(A.UsageError, match=message):
@@ -665,7 +759,7 @@ def test_bad_input_names_the_problem(saved, tmp_path, extra, message):
 
 def test_empty_dataset(saved, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(A.UsageError, match="is empty"):
+    with pytest.raises(A.UsageError, match=r"empty\.jsonl.*(empty|none|no rows)"):
         A.main(cli_args(saved, tmp_path, "--dataset", str(tmp_path / "empty.jsonl")))
 
 
@@ -704,7 +798,7 @@ def test_rouge_l(prediction, reference, expected):
 
 
 def test_toy_task_is_correct_and_splits_are_disjoint():
-    train, test = A.toy_rows(digits=3, test_size=50, train_size=500)
+    train, test = A.toy_rows("toy", 3, test_size=50, train_size=500)
     for row in train[:100] + test:
         a, b = (int(x) for x in row["prompt"].rstrip("=").split("+"))
         assert int(A.final_number(row["response"])) == a + b
@@ -716,17 +810,360 @@ def test_toy_task_is_correct_and_splits_are_disjoint():
 
 def test_encode_templates_cuts_and_eos():
     """Chat template when the tokenizer has one (not with --no-chat-template); long prompts lose the start of
-    their content but keep the template; responses are cut on the right after EOS is appended."""
+    their content but keep the template; responses (the assistant turn, or the text then EOS) are cut on the right."""
     tokenizer = A.char_tokenizer()
-    tokenizer.chat_template = "{% for m in messages %}#{{ m['content'] }}{% endfor %}="
+    tokenizer.chat_template = "{% for m in messages %}{{ '#' + m['content'] + '=' if m['role'] == 'user' else " \
+                              "m['content'] + '#' }}{% endfor %}"
     rows = [{"prompt": "12+34", "response": "46"}]
     args = A.parse_args(["--max-prompt-len", "4", "--max-new-tokens", "2"])
     [example] = A.encode(rows, tokenizer, args)
     assert tokenizer.decode(example["prompt"]) == "#34="                   # '#12+34=' keeps its markup
-    assert example["response"] == tokenizer("46")["input_ids"][:2]          # EOS cut off by --max-new-tokens
+    assert example["response"] == tokenizer("46")["input_ids"]             # '46#' cut by --max-new-tokens
     [plain] = A.encode(rows, tokenizer, A.parse_args(["--no-chat-template"]))
     assert tokenizer.decode(plain["prompt"]) == "12+34"
     assert plain["response"][-1] == tokenizer.eos_token_id
+
+
+# ----------------------------------------------------------------------------------------------------
+# An instruct-style checkpoint: its turns end with <|eot|>, which is not the tokenizer's EOS; the teacher's
+# generation_config lists both (as Llama-3 Instruct, Qwen2.5-Instruct, Gemma-it do), the student's only EOS.
+
+CHAT_SPECIALS = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|eot|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|eot|>' }}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def chat_tokenizer():
+    """Character-level, with the chat markup as single special tokens and a Jinja chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {token: i for i, token in enumerate(CHAT_SPECIALS + list("0123456789abcdefghijklmnopqrstuvwxyz "))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens(CHAT_SPECIALS)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
+                                        unk_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def chat_prompt(tokenizer, content: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+@pytest.fixture(scope="module")
+def instruct(tmp_path_factory):
+    """A tiny Llama teacher trained (200 steps, about a second) to answer every user turn with 'ok<|eot|>', and a
+    random Llama student, saved with their tokenizer; a jsonl of digit prompts answered 'ok'."""
+    root = tmp_path_factory.mktemp("instruct")
+    tokenizer = chat_tokenizer()
+    eot = tokenizer.convert_tokens_to_ids("<|eot|>")
+    rng = random.Random(0)
+    for name, width in (("teacher", 48), ("student", 32)):
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=64, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+        model = LlamaForCausalLM(config)
+        if name == "teacher":
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+            for _ in range(200):
+                texts = [tokenizer.apply_chat_template(
+                    [{"role": "user", "content": str(rng.randrange(1000))}, {"role": "assistant", "content": "ok"}],
+                    tokenize=False) + "zzz" for _ in range(16)]  # after the turn end: text, not EOS
+                ids = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")["input_ids"]
+                model(input_ids=ids, labels=ids).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            model.generation_config.eos_token_id = [tokenizer.eos_token_id, eot]
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    rows = [{"prompt": str(rng.randrange(1000)), "response": "ok"} for _ in range(40)]
+    (root / "chat.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    return root
+
+
+def instruct_cli(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["--teacher", str(root / "teacher"), "--student", str(root / "student"), "--dataset",
+            str(root / "chat.jsonl"), "--max-steps", "2", "--batch-size", "4", "--max-new-tokens", "8",
+            "--eval-samples", "4", "--log-every", "1", "--window", "2", "--score", "exact", "--output-dir", str(out),
+            *extra]
+
+
+def test_stop_ids_join_the_tokenizer_eos_and_every_generation_config(instruct):
+    """stop_ids = the tokenizer's EOS + the teacher's list + the student's int, deduplicated and sorted."""
+    tokenizer = AutoTokenizer.from_pretrained(instruct / "teacher")
+    teacher = AutoModelForCausalLM.from_pretrained(instruct / "teacher")
+    student = AutoModelForCausalLM.from_pretrained(instruct / "student")
+    eos, eot = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot|>")
+    assert teacher.generation_config.eos_token_id == [eos, eot] and student.generation_config.eos_token_id == eos
+    assert A.stop_ids(tokenizer, teacher, student) == sorted([eos, eot])
+    assert A.stop_ids(tokenizer, student) == [eos]
+
+
+def test_rollout_stops_at_the_turn_end_like_generate(instruct):
+    """The teacher ends its answer with <|eot|>: a greedy rollout stopping at stop_ids == generate with the model's
+    own generation_config, and each completion ends at the turn end (with the tokenizer's EOS alone it runs on)."""
+    tokenizer = AutoTokenizer.from_pretrained(instruct / "teacher", padding_side="left")
+    teacher = AutoModelForCausalLM.from_pretrained(instruct / "teacher").eval()
+    eot = tokenizer.convert_tokens_to_ids("<|eot|>")
+    batch = tokenizer([chat_prompt(tokenizer, p) for p in ("7", "42", "316")], add_special_tokens=False,
+                      padding=True, return_tensors="pt")
+    P = batch["input_ids"].shape[1]
+    reference = teacher.generate(**batch, do_sample=False, max_new_tokens=8, pad_token_id=0)
+    assert tokenizer.batch_decode(reference[:, P:]) == ["ok<|eot|>"] * 3  # generate stops at the turn end
+    for mode, pair in (("teacher", (None, teacher)), ("student", (teacher, None))):
+        ro = rollout(*pair, batch["input_ids"], batch["attention_mask"], mode, max_new_tokens=8, do_sample=False,
+                     eos_token_id=A.stop_ids(tokenizer, teacher), pad_token_id=0)
+        assert torch.equal(ro.sequences, reference), mode
+        assert ro.completion_mask.sum(-1).tolist() == [3, 3, 3]
+    eos_only = rollout(None, teacher, batch["input_ids"], batch["attention_mask"], "teacher", max_new_tokens=8,
+                       do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+    assert eos_only.completion_mask.sum(-1).tolist() == [8, 8, 8]  # the bug this guards against
+    assert (eos_only.sequences[:, P + 2] == eot).all()
+
+
+def test_encode_ends_chat_responses_with_the_turn_end():
+    """With a chat template the response ids are the assistant turn as the template renders it: 'ok<|eot|>', no
+    EOS after it; with --no-chat-template: the response, then EOS. Both cut to --max-new-tokens."""
+    tokenizer = chat_tokenizer()
+    eot, eos = tokenizer.convert_tokens_to_ids("<|eot|>"), tokenizer.eos_token_id
+    ok = tokenizer("ok", add_special_tokens=False)["input_ids"]
+    rows = [{"prompt": "12", "response": "ok"}]
+    [chat] = A.encode(rows, tokenizer, A.parse_args([]))
+    assert tokenizer.decode(chat["prompt"]) == "<|user|>12<|eot|><|assistant|>"
+    assert chat["response"] == ok + [eot]
+    [plain] = A.encode(rows, tokenizer, A.parse_args(["--no-chat-template"]))
+    assert plain["response"] == ok + [eos]
+    [cut] = A.encode(rows, tokenizer, A.parse_args(["--max-new-tokens", "2"]))
+    assert cut["response"] == ok
+
+
+def test_instruct_teacher_scores_through_the_cli_as_with_generate(instruct, tmp_path):
+    """Off-policy through the CLI on the instruct pair: the teacher's score equals its generate score (1.0: it
+    answers 'ok<|eot|>' to every prompt), and the logged completions end at the turn end (3 tokens, not 8)."""
+    tokenizer = AutoTokenizer.from_pretrained(instruct / "teacher", padding_side="left")
+    teacher = AutoModelForCausalLM.from_pretrained(instruct / "teacher").eval()
+    rows = [json.loads(line) for line in (instruct / "chat.jsonl").read_text().splitlines()]
+    batch = tokenizer([chat_prompt(tokenizer, r["prompt"]) for r in rows], add_special_tokens=False, padding=True,
+                      return_tensors="pt")
+    generated = teacher.generate(**batch, do_sample=False, max_new_tokens=8, pad_token_id=0)
+    texts = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    generate_score = sum(A.SCORES["exact"](t, r["response"]) for t, r in zip(texts, rows)) / len(rows)
+    assert generate_score == 1.0
+    summary = A.main(instruct_cli(instruct, tmp_path, "--method", "off_policy", "--lr", "1e-8"))
+    assert summary["teacher"] == generate_score
+    assert [r["completion_len"] for r in logged(tmp_path)] == [3.0, 3.0]
+    assert summary["completion_len"] == 3.0
+
+
+def test_adaswitch_on_a_saved_llama_pair(instruct, tmp_path):
+    """Two AdaSwitch steps end to end on the Llama-family pair with a chat template: metrics logged, student saved
+    and loadable, trained weights differ from the start."""
+    A.main(instruct_cli(instruct, tmp_path, "--method", "adaswitch"))
+    records = logged(tmp_path)
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+    assert all(1 <= r["completion_len"] <= 8 for r in records)
+    saved_student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    assert isinstance(saved_student, LlamaForCausalLM)
+    start = dict(AutoModelForCausalLM.from_pretrained(instruct / "student").named_parameters())
+    assert any(not torch.equal(p, start[n]) for n, p in saved_student.named_parameters())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input, as a user meets it: `python adaswitch.py ...` exits non-zero with one line on stderr that names
+# the problem, no traceback, and nothing trained.
+
+NO_MODELS = ["--teacher", "/no/such/teacher", "--student", "/no/such/student"]  # flags must fail before loading
+
+
+def flag_name(flag: str) -> str:
+    """A pattern for the flag's name in a message: '--warmup-ratio' matches 'warmup-ratio' or 'warmup_ratio'."""
+    return r"\b" + flag.lstrip("-").replace("-", "[-_]") + r"\b"
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def model_without(saved: Path, tmp: Path, part: str) -> str:
+    """A copy of the saved student without its tokenizer files ('tokenizer') or without its model ('config')."""
+    folder = tmp / f"student-without-{part}"
+    if part == "tokenizer":
+        AutoModelForCausalLM.from_pretrained(saved / "student").save_pretrained(folder)
+    else:
+        A.char_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+MISSING_HUB_ID = "nobody-here/no-such-model"
+# A folder without tokenizer files loads as an empty GPT2Tokenizer in transformers 5: the message must say that
+# the tokenizer is missing, not that two tokenizers differ.
+NOT_A_MISMATCH = r"^(?!.*\bdiffer).*(?i:tokenizer)"
+GOOD_ROWS = "".join(json.dumps({"question": f"{i}+1=", "answer": f"#### {i + 1}"}) + "\n" for i in range(20))
+
+# (id, extra CLI arguments given saved and tmp_path, extra environment, patterns the error line must contain)
+BAD_INPUTS = [
+    ("temperature-0", lambda s, t: NO_MODELS + ["--temperature", "0"], {}, [flag_name("--temperature")]),
+    ("temperature-nan", lambda s, t: NO_MODELS + ["--temperature", "nan"], {}, [flag_name("--temperature")]),
+    ("beta-1-loss-jsd", lambda s, t: NO_MODELS + ["--loss", "jsd", "--beta", "1"], {}, [flag_name("--beta")]),
+    ("beta-0-metric-jsd", lambda s, t: NO_MODELS + ["--metric", "jsd", "--beta", "0"], {}, [flag_name("--beta")]),
+    ("lr-0", lambda s, t: NO_MODELS + ["--lr", "0"], {}, [flag_name("--lr")]),
+    ("warmup-ratio-1.5", lambda s, t: NO_MODELS + ["--warmup-ratio", "1.5"], {}, [flag_name("--warmup-ratio")]),
+    ("student-folder-missing", lambda s, t: ["--student", str(t / "no-such-student")], {}, [r"no-such-student"]),
+    ("teacher-folder-missing", lambda s, t: ["--teacher", str(t / "no-such-teacher")], {}, [r"no-such-teacher"]),
+    ("hub-id-offline", lambda s, t: ["--teacher", MISSING_HUB_ID, "--student", MISSING_HUB_ID], {"HF_HUB_OFFLINE": "1"},
+     [MISSING_HUB_ID]),
+    ("folder-without-tokenizer", lambda s, t: ["--student", model_without(s, t, "tokenizer")], {},
+     [r"student-without-tokenizer", NOT_A_MISMATCH]),
+    ("both-folders-without-tokenizer", lambda s, t: ["--student", model_without(s, t, "tokenizer"), "--teacher",
+                                                     str(t / "student-without-tokenizer")], {},
+     [r"student-without-tokenizer", NOT_A_MISMATCH]),
+    ("folder-without-config", lambda s, t: ["--student", model_without(s, t, "config")], {},
+     [r"student-without-config"]),
+    ("malformed-jsonl", lambda s, t: ["--dataset", write(t / "bad.jsonl", GOOD_ROWS[:100] + '{"question": "1+\n'
+                                                         + GOOD_ROWS)], {}, [r"bad\.jsonl", r"line 3\b"]),
+    ("ragged-csv", lambda s, t: ["--dataset", write(t / "bad.csv", "question,answer\n1+1=,#### 2\n2+2=,#### 4\n"
+                                                    "3+3=,#### 6,extra\n4+4=,#### 8\n")], {},
+     [r"bad\.csv", r"line 4\b"]),
+    ("all-prompts-null", lambda s, t: ["--dataset", write(t / "nulls.json", json.dumps(
+        [{"question": None, "answer": f"#### {i}"} for i in range(20)]))], {}, [r"nulls\.json"]),
+    ("list-in-prompt", lambda s, t: ["--dataset", write(t / "lists.jsonl", GOOD_ROWS + json.dumps(
+        {"question": ["1", "+", "1"], "answer": "#### 2"}) + "\n")], {}, [r"lists\.jsonl", r"row 21\b"]),
+    ("max-new-tokens-over-positions", lambda s, t: ["--max-new-tokens", "100"], {},
+     [flag_name("--max-new-tokens"), r"\b64\b"]),
+]
+
+
+@pytest.mark.parametrize("case, extra, env, patterns", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_is_one_line_through_the_cli(saved, tmp_path, case, extra, env, patterns):
+    """Exit code != 0, exactly one stderr line starting 'error:' that names the problem, no traceback, no student."""
+    out = tmp_path / "out"
+    command = [sys.executable, str(SCRIPT), *cli_args(saved, out), *extra(saved, tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, **env})
+    stderr = result.stderr.strip()
+    assert result.returncode != 0, result.stdout[-1000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("error:"), stderr[-3000:]
+    for pattern in patterns:
+        assert re.search(pattern, stderr), (pattern, stderr)
+    assert not (out / "student").exists()
+
+
+@pytest.mark.parametrize("flags", [
+    ["--temperature", "0"], ["--temperature", "-1"], ["--temperature", "nan"], ["--temperature", "inf"],
+    ["--loss", "jsd", "--beta", "0"], ["--loss", "jsd", "--beta", "1"], ["--metric", "jsd", "--beta", "1"],
+    ["--window", "0"], ["--k", "-1"], ["--k", "nan"], ["--lr", "0"], ["--lr", "nan"], ["--lr", "-1e-4"],
+    ["--warmup-ratio", "1.5"], ["--warmup-ratio", "-0.1"],
+], ids=" ".join)
+def test_parse_args_refuses_undefined_mathematics(flags):
+    """Flag values that make the mathematics undefined are refused by parse_args, naming the flag."""
+    with pytest.raises(A.UsageError, match=flag_name(flags[-2])):
+        A.parse_args(flags)
+
+
+def test_rows_with_missing_null_or_blank_fields_are_dropped_and_counted(tmp_path, capsys):
+    """Null, missing, empty and blank prompts / responses are dropped with a printed count; none becomes 'None'."""
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(36)]
+    rows += [{"prompt": None, "response": "a"}, {"prompt": "q"}, {"prompt": "", "response": "a"},
+             {"prompt": "q", "response": "  \n"}]
+    path = write(tmp_path / "holes.jsonl", "\n".join(json.dumps(row) for row in rows))
+    train, test = A.load_rows(A.parse_args(["--dataset", path, "--eval-samples", "4", *NO_MODELS]))
+    assert re.search(r"dropped 4 of 40\b", capsys.readouterr().out)
+    assert len(train) + len(test) == 36
+    assert all(r["prompt"].strip() and r["response"].strip() and "None" not in r["prompt"] + r["response"]
+               for r in train + test)
+    csv_path = write(tmp_path / "holes.csv", "prompt,response\n" + "".join(f"q{i},a{i}\n" for i in range(9)) + "q,\n")
+    train, test = A.load_rows(A.parse_args(["--dataset", csv_path, "--eval-samples", "2", *NO_MODELS]))
+    assert re.search(r"dropped 1 of 10\b", capsys.readouterr().out) and len(train) + len(test) == 9
+
+
+def test_long_prompts_are_capped_to_the_model_positions(saved, tmp_path, capsys):
+    """--max-prompt-len 60 + --max-new-tokens 8 > 64 positions: the prompt length is capped with a notice, and the
+    run completes (an uncapped prompt of 60 tokens would index past the position table)."""
+    long_rows = [{"question": "1" * 70 + f"+{i}=", "answer": f"#### {i}"} for i in range(20)]
+    path = write(tmp_path / "long.jsonl", "\n".join(json.dumps(row) for row in long_rows))
+    A.main(cli_args(saved, tmp_path, "--dataset", path, "--max-prompt-len", "60", "--method", "on_policy"))
+    assert "capped" in capsys.readouterr().out
+    assert [r["step"] for r in logged(tmp_path)] == [1, 2]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Things that could pass by accident: dtypes, gradient accumulation, ROUGE-L against the reference package.
+
+
+def test_bfloat16_teacher_and_float32_student_in_memory(saved, tmp_path, monkeypatch):
+    """Through the CLI with --dtype bfloat16, train() gets a teacher with bfloat16 weights and a float32 student."""
+    seen = {}
+    train = A.train
+
+    def spy(student, teacher, *args, **kwargs):
+        seen["student"] = {p.dtype for p in student.parameters()}
+        seen["teacher"] = {p.dtype for p in teacher.parameters()}
+        return train(student, teacher, *args, **kwargs)
+
+    monkeypatch.setattr(A, "train", spy)
+    A.main(cli_args(saved, tmp_path, "--method", "adaswitch", "--dtype", "bfloat16"))
+    assert seen == {"teacher": {torch.bfloat16}, "student": {torch.float32}}
+
+
+@pytest.mark.parametrize("method", ["sft", "supervised_kd"])
+def test_gradient_accumulation_equals_one_big_batch(teacher, method, monkeypatch):
+    """On ground-truth sequences of unequal lengths, 2 micro-batches of 2 give the gradient of 1 batch of 4: each
+    token weighs the same (not each micro-batch), and padding changes nothing."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=2, initializer_range=0.5,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=EOS, pad_token_id=PAD)
+    start = GPT2LMHeadModel(config)
+    tokenizer = A.char_tokenizer()
+    gen = torch.Generator().manual_seed(0)
+    examples = [{"prompt": torch.randint(3, 17, (p,), generator=gen).tolist(),
+                 "response": torch.randint(3, 17, (r,), generator=gen).tolist(), "reference": ""}
+                for p, r in ((3, 1), (5, 2), (2, 5), (4, 6))]  # 3 and 11 response tokens per micro-batch
+    grads = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def record(parameters, *args, **kwargs):
+        parameters = list(parameters)
+        grads.append(torch.cat([p.grad.flatten() for p in parameters]))
+        return clip(parameters, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record)
+    for batch_size, accum in ((4, 1), (2, 2)):
+        args = A.parse_args(["--method", method, "--max-steps", "1", "--batch-size", str(batch_size),
+                             "--grad-accum", str(accum)])
+        batches = A.batch_stream(examples, batch_size, PAD, "cpu")
+        A.train(copy.deepcopy(start), teacher, batches, args, tokenizer, A.stop_ids(tokenizer))
+    assert len(grads) == 2 and grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+ROUGE_PAIRS = [
+    ("The cat sat on the mat.", "the cat sat on the mat"),
+    ("It will help.", "It will help you, they said"),
+    ("Bob's 3 dogs (aged 2-4) ran 10km!", "bob s 3 dogs ran 10 km"),
+    ("Naïve café owners in Tōkyō", "naive cafe owners in tokyo"),
+    ("東京 is big", "東京 is large"),
+    ("", "a non-empty reference"),
+    ("a non-empty prediction", ""),
+    ("", ""),
+    ("...", "!!!"),
+    ("#Person1# asks #Person2# for help; #Person2# agrees.", "#Person2# agrees to help #Person1#."),
+    ("A B C D", "b d"),
+    ("the the the", "the"),
+]
+
+
+@pytest.mark.parametrize("prediction, reference", ROUGE_PAIRS)
+def test_rouge_l_equals_rouge_score(prediction, reference):
+    """ROUGE-L F1 == the rouge_score package's (default tokenizer: lower case, non-[a-z0-9] separate, no stemming)."""
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    expected = rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure
+    assert A.rouge_l(prediction, reference) == pytest.approx(expected, abs=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------
