@@ -12,7 +12,8 @@ Switching" (first titled "AdaSwitch: Adaptive Switching Generation for Knowledge
 """
 from __future__ import annotations
 
-import argparse
+import csv
+import io
 import json
 import math
 import os
@@ -20,55 +21,60 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from argparse import RawDescriptionHelpFormatter
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, HfArgumentParser,
+                          get_linear_schedule_with_warmup)
 from transformers import logging as hf_logging
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments: one dataclass; `--help` lists every field with its default.
 
+Metric = Literal["fkl", "rkl", "jsd", "tvd"]  # the token divergences defined in the next section
 
-def arg(default, text: str, group: str | None = None, choices=None):
-    return field(default=default, metadata={"help": text, "group": group, "choices": choices})
+
+def arg(default, text: str):
+    return field(default=default, metadata={"help": f"{text} (default: {default})"})
 
 
 @dataclass
 class Args:
-    seed: int = arg(0, "seed for initialization, data order and sampling", group="run")
+    # run
+    seed: int = arg(0, "seed for initialization, data order and sampling")
     output_dir: str = arg("runs/adaswitch", "where metrics.jsonl, summary.json and the trained student go")
-    device: str = arg("auto", "auto (cuda when present), cpu or cuda")
-    dtype: str = arg("float32", "the teacher's weights; the student keeps float32 weights, on GPU under bf16 autocast",
-                     choices=("float32", "bfloat16"))
+    device: Literal["auto", "cpu", "cuda"] = arg("auto", "auto: cuda when present")
+    dtype: Literal["float32", "bfloat16"] = arg("float32", "the teacher's weights; the student keeps float32 weights, "
+                                                "on GPU under bf16 autocast")
     log_every: int = arg(10, "steps between lines of metrics.jsonl")
     eval_every: int = arg(0, "steps between evaluations during training (0: only before and after)")
-
-    teacher: str | None = arg(None, "teacher: hub id or local folder; None: the built-in toy teacher",
-                              group="models and data")
+    # models and data
+    teacher: str | None = arg(None, "teacher: hub id or local folder; None: the built-in toy teacher")
     student: str | None = arg(None, "student: hub id or local folder; None: the built-in toy student")
-    dataset: str = arg("toy", "toy, gsm8k, dialogsum, or a local .json/.jsonl/.csv file")
+    dataset: str = arg("toy", "toy (addition), toy_summary, gsm8k, dialogsum, or a local .json/.jsonl/.csv file")
     prompt_field: str | None = arg(None, "prompt column of a local file (gsm8k: question, dialogsum: dialogue)")
     response_field: str | None = arg(None, "response column of a local file (gsm8k: answer, dialogsum: summary)")
     chat_template: bool = arg(True, "wrap prompts in the tokenizer's chat template when it has one")
     max_prompt_len: int = arg(512, "prompts longer than this are cut from the left")
     max_new_tokens: int = arg(64, "completion length limit, for rollouts, labels and evaluation")
     eval_samples: int = arg(500, "test examples used for evaluation")
-    score: str = arg("auto", "evaluation: number (final number), rouge (ROUGE-L F1), exact; auto picks by dataset",
-                     choices=("auto", "number", "rouge", "exact"))
+    score: Literal["auto", "number", "rouge", "exact"] = arg("auto", "evaluation: number (final number), rouge "
+                                                             "(ROUGE-L F1), exact; auto picks by dataset")
     toy_digits: int = arg(3, "toy task: digits per operand")
-    toy_teacher_steps: int = arg(1000, "toy task: SFT steps for the teacher (cached in --toy-dir)")
-    toy_student_steps: int = arg(400, "toy task: SFT warm-up steps for the student (cached in --toy-dir)")
-    toy_lr: float = arg(3e-3, "toy task: learning rate of the teacher's and the student's SFT")
-    toy_dir: str = arg("runs/toy", "toy task: where the trained toy teacher and student are cached")
-
-    method: str = arg("adaswitch", "how training sequences are made", group="training",
-                      choices=("sft", "supervised_kd", "off_policy", "on_policy", "skd", "adaswitch"))
+    toy_teacher_steps: int = arg(1000, "toy tasks: SFT steps for the teacher (cached in --toy-dir)")
+    toy_student_steps: int = arg(400, "toy tasks: SFT warm-up steps for the student (cached in --toy-dir)")
+    toy_lr: float = arg(3e-3, "toy tasks: learning rate of the teacher's and the student's SFT")
+    toy_dir: str = arg("runs/toy", "toy tasks: where the trained toy teacher and student are cached")
+    # training
+    method: Literal["sft", "supervised_kd", "off_policy", "on_policy", "skd", "adaswitch"] = arg(
+        "adaswitch", "how training sequences are made")
     max_steps: int = arg(300, "optimizer steps")
     batch_size: int = arg(32, "sequences per micro-batch (per process)")
     grad_accum: int = arg(1, "micro-batches per optimizer step")
@@ -76,56 +82,56 @@ class Args:
     warmup_ratio: float = arg(0.1, "fraction of steps of linear warm-up, then linear decay to 0")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
-    loss: str = arg("fkl", "token-level training divergence to the teacher", choices=("fkl", "rkl", "jsd", "tvd"))
+    loss: Metric = arg("fkl", "token-level training divergence to the teacher")
     temperature: float = arg(1.0, "sampling temperature of rollouts; also divides logits in the divergences")
-
-    window: int = arg(8, "L: how many past divergences the moving average covers", group="AdaSwitch")
-    k: float = arg(1.5, "K: switch when d_i > K * moving average")
-    metric: str = arg("fkl", "divergence d_i used by the switch rule", choices=("fkl", "rkl", "jsd", "tvd"))
+    # AdaSwitch
+    window: int = arg(8, "L: how many past divergences the moving average covers")
+    k: float = arg(1.5, "K: switch when d_i > K * moving average (inf: never)")
+    metric: Metric = arg("fkl", "divergence d_i used by the switch rule")
     min_history: int | None = arg(None, "divergences a row needs before it may switch; None: window")
     teacher_writes_switch_token: bool = arg(True, "the teacher writes the token at the switch step")
-
+    # baselines
     skd_top_k: int | None = arg(None, "SKD: student tokens outside the teacher's top-k are replaced; "
-                                "None: 25 as in SKD, 2 on the 17-token toy vocabulary", group="baselines")
-    beta: float = arg(0.5, "generalized JSD mixing weight (--loss/--metric jsd)")
+                                "None: 25 as in SKD, 2 on the 25-token toy vocabulary")
+    beta: float = arg(0.5, "generalized JSD mixing weight (--loss/--metric jsd), in (0, 1)")
 
 
 class UsageError(Exception):
     """Bad input from the command line or the data: printed as one line, no traceback."""
 
 
-class ArgumentParser(argparse.ArgumentParser):
+class ArgumentParser(HfArgumentParser):
     def error(self, message):
         raise UsageError(f"{message} (see --help)")
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser
-    for f in fields(Args):
-        meta = f.metadata
-        group = parser.add_argument_group(meta["group"]) if meta["group"] else group
-        flag, text = "--" + f.name.replace("_", "-"), f"{meta['help']} (default: {f.default})"
-        if isinstance(f.default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
-        else:
-            kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
-            group.add_argument(flag, type=kind, default=f.default, choices=meta["choices"], help=text)
-    args = Args(**vars(parser.parse_args(argv)))
-    if args.window < 1:
-        raise UsageError(f"--window {args.window}: the moving average needs a divergence; use --window 1 or more")
-    if not args.k >= 0:
-        raise UsageError(f"--k {args.k}: the threshold is K times a mean divergence; use --k 0 or more (inf: never)")
-    if args.min_history is not None and not 1 <= args.min_history <= args.window:
-        raise UsageError(f"--min-history {args.min_history}: use a value from 1 to --window ({args.window})")
+    """Flags -> Args, refusing values that leave the mathematics undefined before any model is loaded."""
+    parser = ArgumentParser(Args, description=__doc__, formatter_class=RawDescriptionHelpFormatter)
+    args, = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
     if (args.teacher is None) != (args.student is None):
-        raise UsageError("give both --teacher and --student, or neither for the built-in toy task")
-    if args.skd_top_k is None:  # a top-25 on a 17-token vocabulary would keep every student token: on-policy
+        raise UsageError("give both --teacher and --student, or neither for a built-in toy task")
+    if args.teacher is None and args.dataset not in TOY_TASKS:
+        raise UsageError(f"--dataset {args.dataset} needs --teacher and --student; the toy models know only "
+                         f"{' and '.join(TOY_TASKS)}")
+    if args.skd_top_k is None:  # a top-25 on a 25-token vocabulary would keep every student token: on-policy
         args.skd_top_k = 2 if args.teacher is None else 25
-    for name in ("max_steps", "batch_size", "grad_accum", "max_new_tokens", "max_prompt_len", "eval_samples",
-                 "skd_top_k"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    at_least = {1: ("max_steps", "batch_size", "grad_accum", "max_new_tokens", "max_prompt_len", "eval_samples",
+                    "skd_top_k", "log_every", "toy_digits"), 0: ("eval_every", "toy_teacher_steps", "toy_student_steps")}
+    for low, names in at_least.items():
+        for name in (n for n in names if getattr(args, n) < low):
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    for name, ok in (("lr", 0 < args.lr < math.inf), ("toy_lr", 0 < args.toy_lr < math.inf),
+                     ("warmup_ratio", 0 <= args.warmup_ratio <= 1), ("weight_decay", 0 <= args.weight_decay < math.inf),
+                     ("max_grad_norm", 0 < args.max_grad_norm < math.inf)):
+        if not ok:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range (see --help)")
+    try:  # the library's own checks, so the CLI and the functions refuse the same values
+        SwitchTracker(1, args.window, args.k, min_history=args.min_history)
+        for metric in (args.loss, args.metric):
+            divergence(torch.zeros(2), torch.zeros(2), metric, args.beta, args.temperature)
+    except ValueError as error:
+        raise UsageError(error) from None
     return args
 
 
@@ -133,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
 # Divergences: d(p_t || p_s) per position, reduced over the vocabulary.
 # Shapes: B batch, P prompt length, N new tokens, V vocabulary.
 
-METRICS = ("fkl", "rkl", "jsd", "tvd")
+METRICS = get_args(Metric)
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -150,6 +156,8 @@ def divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, metri
     """
     if metric not in METRICS:
         raise ValueError(f"unknown divergence metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if not 0.0 < temperature < math.inf:
+        raise ValueError(f"temperature = {temperature}: logits are divided by it; use a temperature > 0")
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
                          f"{tuple(student_logits.shape)} must have the same shape")
@@ -163,7 +171,7 @@ def divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, metri
     if metric == "tvd":
         return 0.5 * (log_p_t.exp() - log_p_s.exp()).abs().sum(-1)
     if not 0.0 < beta < 1.0:
-        raise ValueError(f"jsd needs 0 < beta < 1, got {beta}; beta = 0 or 1 is a plain KL: use metric fkl or rkl")
+        raise ValueError(f"beta = {beta}: jsd needs 0 < beta < 1; beta = 0 or 1 is a plain KL, use fkl or rkl")
     # A finite floor for log 0: logaddexp(-inf, -inf) has a NaN gradient; m > 0 wherever p_t or p_s is.
     floor = torch.finfo(torch.float32).min
     log_p_t, log_p_s = log_p_t.clamp(min=floor), log_p_s.clamp(min=floor)
@@ -186,13 +194,13 @@ class SwitchTracker:
 
     def __init__(self, batch_size: int, window: int, k: float, device=None, min_history: int | None = None):
         if window < 1:
-            raise ValueError(f"window must be >= 1 (the number of past divergences averaged), got {window}")
+            raise ValueError(f"window = {window}: the moving average needs a divergence; use window >= 1")
         if not k >= 0:
-            raise ValueError(f"k must be >= 0 (the threshold is k times the moving average), got {k}")
+            raise ValueError(f"k = {k}: the threshold is k times a mean divergence; use k >= 0 (inf: never switch)")
         self.window, self.k = window, float(k)
         self.min_history = window if min_history is None else min_history
         if not 1 <= self.min_history <= window:
-            raise ValueError(f"min_history must be in [1, window={window}], got {min_history}")
+            raise ValueError(f"min_history = {min_history}: use a value from 1 to window ({window})")
         self.history = torch.zeros(batch_size, window, device=device)          # [B, window] ring buffer
         self.count = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B] divergences recorded
         self.switched = torch.zeros(batch_size, dtype=torch.bool, device=device)                # [B]
@@ -246,6 +254,16 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def vocab_size(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
+
+
+def stop_ids(tokenizer, *models) -> list[int]:
+    """Ids that end a completion: the tokenizer's EOS and every eos_token_id of the models' generation_config.
+    Chat checkpoints end a turn with a token of their own (<|im_end|>, <|eot_id|>, <end_of_turn>)."""
+    ids = {tokenizer.eos_token_id}
+    for model in models:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list) else [eos])
+    return sorted(i for i in ids if i is not None)
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, do_sample: bool = True, generator=None) -> torch.Tensor:
@@ -387,7 +405,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mas
 ROLLOUT_MODE = {"off_policy": "teacher", "on_policy": "student", "skd": "skd", "adaswitch": "adaswitch"}
 
 
-def make_sequences(batch: dict, student, teacher, args: Args, eos_token_id: int, pad_token_id: int,
+def make_sequences(batch: dict, student, teacher, args: Args, stop: list[int], pad_token_id: int,
                    generator: torch.Generator | None = None) -> Rollout:
     """Ground truth for sft and supervised_kd; a rollout in the method's mode otherwise."""
     prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]                     # [B, P]
@@ -401,7 +419,7 @@ def make_sequences(batch: dict, student, teacher, args: Args, eos_token_id: int,
     student = getattr(student, "module", student)  # under DDP the rollout runs the bare model, without hooks
     return rollout(student, teacher, prompt_ids, prompt_mask, ROLLOUT_MODE[args.method],
                    max_new_tokens=args.max_new_tokens, window=args.window, k=args.k, skd_top_k=args.skd_top_k,
-                   metric=args.metric, beta=args.beta, temperature=args.temperature, eos_token_id=eos_token_id,
+                   metric=args.metric, beta=args.beta, temperature=args.temperature, eos_token_id=stop,
                    pad_token_id=pad_token_id, generator=generator, min_history=args.min_history,
                    teacher_writes_switch_token=args.teacher_writes_switch_token)
 
@@ -425,18 +443,15 @@ def sequence_loss(student, teacher, seq: Rollout, args: Args, num_tokens: torch.
 
 
 def sequence_stats(seqs: list[Rollout]) -> dict:
-    """What the sequences looked like: the logged switch_rate, switch_pos, teacher_frac, divergence."""
-    mask = torch.cat([s.completion_mask for s in seqs]).bool()                              # [B, N]
-    switch_step = torch.cat([s.switch_step for s in seqs])                                  # [B]
-    d = torch.cat([s.divergences for s in seqs])                                            # [B, N]
-    switched = switch_step >= 0
-
-    def mean(x):
-        return x.float().mean().item() if x.numel() else None
-
-    return {"switch_rate": mean(switched), "switch_pos": mean(switch_step[switched]),
-            "teacher_frac": mean(torch.cat([s.from_teacher for s in seqs])[mask]), "divergence": mean(d[d > 0]),
-            "completion_len": mean(mask.sum(-1))}
+    """What the sequences looked like: the logged switch_rate, switch_pos, teacher_frac, divergence, completion_len.
+    Micro-batches may differ in width N, so each is flattened before they are joined."""
+    join = lambda key: torch.cat([getattr(s, key).flatten() for s in seqs])  # noqa: E731
+    mask, switch_step, d = join("completion_mask").bool(), join("switch_step"), join("divergences")  # [sum B*N], [B]
+    lengths = torch.cat([s.completion_mask.sum(-1) for s in seqs])                                     # [B]
+    mean = lambda x: x.float().mean().item() if x.numel() else None  # noqa: E731
+    return {"switch_rate": mean(switch_step >= 0), "switch_pos": mean(switch_step[switch_step >= 0]),
+            "teacher_frac": mean(join("from_teacher")[mask]), "divergence": mean(d[d > 0]),
+            "completion_len": mean(lengths)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -454,8 +469,9 @@ def final_number(text: str) -> str | None:
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 on lower-cased whitespace tokens: from the longest common subsequence."""
-    pred, ref = prediction.lower().split(), reference.lower().split()
+    """ROUGE-L F1 from the longest common subsequence of tokens, tokenized as the rouge_score package does by
+    default (lower case; every run of characters other than a-z and 0-9 separates), so scores compare."""
+    pred, ref = re.findall(r"[a-z0-9]+", prediction.lower()), re.findall(r"[a-z0-9]+", reference.lower())
     lcs = [0] * (len(ref) + 1)
     for p in pred:
         diagonal = 0
@@ -477,12 +493,12 @@ SCORES = {"number": number_match, "rouge": rouge_l,
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, batches: list[dict], args: Args, score: str) -> float:
+def evaluate(model, tokenizer, batches: list[dict], args: Args, score: str, stop: list[int]) -> float:
     """Mean score of the model's greedy completions (the student writes alone: rollout mode 'student')."""
     scores = []
     for batch in batches:
         out = rollout(model, None, batch["prompt_ids"], batch["prompt_mask"], "student",
-                      max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                      max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=stop,
                       pad_token_id=tokenizer.pad_token_id)
         completions = out.sequences[:, batch["prompt_ids"].shape[1]:]                          # [B, N]
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
@@ -491,7 +507,7 @@ def evaluate(model, tokenizer, batches: list[dict], args: Args, score: str) -> f
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data: the built-in toy task, real datasets, prompt templates, batches.
+# Data: the built-in toy tasks, real datasets, prompt templates, batches.
 
 TASKS = {  # dataset -> (hub name, config, prompt field, response field, template)
     "gsm8k": ("openai/gsm8k", "main", "question", "answer",
@@ -499,11 +515,12 @@ TASKS = {  # dataset -> (hub name, config, prompt field, response field, templat
     "dialogsum": ("knkarthick/dialogsum", None, "dialogue", "summary",
                   "Summarize the following dialogue in a few sentences.\n\n{prompt}"),
 }
-TOY_CHARS = "0123456789+=# "
+TOY_CHARS = "0123456789+=# abcdefgh"
 
 
-def toy_example(rng: random.Random, digits: int) -> dict:
-    """'0347+0285=' -> '7+5+0=12 4+8+1=13 3+2+1=06 0+0+0=00 ####00632': column addition with its carries."""
+def addition_example(rng: random.Random, digits: int) -> dict:
+    """'0347+0285=' -> '7+5+0=12 4+8+1=13 3+2+1=06 0+0+0=00 ####00632': column addition with its carries.
+    One right answer, and most of its tokens copy the prompt: the divergence sits on a few tokens."""
     a, b = rng.randrange(10 ** digits), rng.randrange(10 ** digits)
     x, y = f"{a:0{digits}d}", f"{b:0{digits}d}"
     columns, carry = [], 0
@@ -514,17 +531,31 @@ def toy_example(rng: random.Random, digits: int) -> dict:
     return {"prompt": f"{x}+{y}=", "response": " ".join(columns) + f" ####{a + b:0{digits + 1}d}"}
 
 
-def toy_rows(digits: int, test_size: int, train_size: int = 20000) -> tuple[list[dict], list[dict]]:
-    """Train and test splits of the toy task from two fixed streams (test_size only truncates); disjoint prompts."""
-    test_rng, train_rng = random.Random(f"test-{digits}"), random.Random(f"train-{digits}")
-    test = [toy_example(test_rng, digits) for _ in range(test_size)]
+def summary_example(rng: random.Random, digits: int) -> dict:
+    """'bcabca=' -> 'c2 a2 b2': count each letter, in any order (the reference's order is random), like a summary
+    whose wording is free: many valid outputs, and every next item is a choice. Its size ignores `digits`."""
+    letters = rng.sample("abcdefgh", rng.randint(2, 8))
+    counts = {c: rng.randint(1, 3) for c in letters}
+    text = [c for c in letters for _ in range(counts[c])]
+    rng.shuffle(text)
+    rng.shuffle(letters)
+    return {"prompt": "".join(text) + "=", "response": " ".join(f"{c}{counts[c]}" for c in letters)}
+
+
+TOY_TASKS = {"toy": addition_example, "toy_summary": summary_example}
+
+
+def toy_rows(task: str, digits: int, test_size: int, train_size: int = 20000) -> tuple[list[dict], list[dict]]:
+    """Train and test splits of a toy task from two fixed streams (test_size only truncates); disjoint prompts."""
+    test_rng, train_rng = random.Random(f"{task}-test-{digits}"), random.Random(f"{task}-train-{digits}")
+    test = [TOY_TASKS[task](test_rng, digits) for _ in range(test_size)]
     seen = {row["prompt"] for row in test}
-    train = [row for row in (toy_example(train_rng, digits) for _ in range(train_size)) if row["prompt"] not in seen]
+    train = [row for row in (TOY_TASKS[task](train_rng, digits) for _ in range(train_size)) if row["prompt"] not in seen]
     return train, test
 
 
 def char_tokenizer(chars: str = TOY_CHARS):
-    """A character-level tokenizer for the toy task, wrapped like any Hugging Face checkpoint's tokenizer."""
+    """A character-level tokenizer for the toy tasks, wrapped like any Hugging Face checkpoint's tokenizer."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<unk>", *chars])}
@@ -534,63 +565,117 @@ def char_tokenizer(chars: str = TOY_CHARS):
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
+def read_file(path: Path) -> list[dict]:
+    """The rows of a .jsonl, .json (a list of objects) or .csv file; a malformed line is an error naming it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if path.suffix == ".csv":
+        reader, rows = csv.DictReader(io.StringIO(text, newline="")), []
+        for row in reader:  # DictReader puts extra cells under the key None and gives missing ones the value None
+            if None in row or None in row.values():
+                raise UsageError(f"{path}, line {reader.line_num}: the number of cells differs from the header's "
+                                 f"{len(reader.fieldnames)}; fix or quote that row")
+            rows.append(row)
+        return rows
+    rows, lines = [], text.splitlines() if path.suffix == ".jsonl" else [text]
+    for i, line in enumerate(lines, start=1):
+        try:
+            value = json.loads(line) if line.strip() else []
+        except json.JSONDecodeError as error:
+            raise UsageError(f"{path}, line {max(i, error.lineno)}: not valid JSON ({error.msg})") from None
+        rows += value if isinstance(value, list) else [value]
+    if not all(isinstance(row, dict) for row in rows):
+        raise UsageError(f"{path}: expected one JSON object per row, with the fields as keys")
+    return rows
+
+
+def text_rows(rows: list[dict], prompt_field: str, response_field: str, name: str) -> list[dict]:
+    """{'prompt', 'response'} texts. Rows with a missing, null or blank field are dropped and counted (never trained
+    on as the text 'None'); a list or object in a field is an error, as it holds no single text."""
+    kept = []
+    for i, row in enumerate(rows, start=1):
+        values = [row.get(prompt_field), row.get(response_field)]
+        if any(isinstance(v, (list, dict)) for v in values):
+            raise UsageError(f"{name}, row {i}: {prompt_field!r} and {response_field!r} must be text, got "
+                             f"{' and '.join(type(v).__name__ for v in values)}; set --prompt-field/--response-field")
+        if all(v is not None and str(v).strip() for v in values):
+            kept.append({"prompt": str(values[0]), "response": str(values[1])})
+    if len(kept) < len(rows):
+        print(f"note: dropped {len(rows) - len(kept)} of {len(rows)} rows of {name}: {prompt_field!r} or "
+              f"{response_field!r} missing or empty")
+    return kept
+
+
 def load_rows(args: Args) -> tuple[list[dict], list[dict]]:
     """(train, test) rows of {'prompt': text, 'response': text}; `encode` adds the task's template."""
-    if args.dataset == "toy":
-        if 10 * args.toy_digits + 6 > args.max_new_tokens:  # the worked solution and EOS must fit
-            raise UsageError(f"--toy-digits {args.toy_digits} needs --max-new-tokens {10 * args.toy_digits + 6}")
-        return toy_rows(args.toy_digits, args.eval_samples)
-    from datasets import load_dataset
+    if args.dataset in TOY_TASKS:
+        train, test = toy_rows(args.dataset, args.toy_digits, args.eval_samples)
+        if (need := max(len(row["response"]) for row in train + test) + 1) > args.max_new_tokens:
+            raise UsageError(f"--dataset {args.dataset} --toy-digits {args.toy_digits} needs --max-new-tokens {need}")
+        return train, test
     if args.dataset in TASKS:
-        name, config, prompt_field, response_field, _ = TASKS[args.dataset]
-        splits = load_dataset(name, config)
-        train, test = splits["train"], splits["test"]
+        hub, config, prompt_field, response_field, _ = TASKS[args.dataset]
+        try:
+            from datasets import load_dataset
+            splits = {name: list(rows) for name, rows in load_dataset(hub, config).items()}
+        except (OSError, ValueError) as error:
+            raise UsageError(f"cannot load dataset {hub}: {str(error).splitlines()[0]}") from None
     else:
         path = Path(args.dataset)
-        kind = {".json": "json", ".jsonl": "json", ".csv": "csv"}.get(path.suffix)
-        if kind is None or not path.is_file():
+        if path.suffix not in (".json", ".jsonl", ".csv") or not path.is_file():
             raise UsageError(f"--dataset {args.dataset}: not a file ending in .json, .jsonl or .csv, "
-                             f"nor one of: toy, {', '.join(TASKS)}")
-        if path.stat().st_size == 0:
-            raise UsageError(f"--dataset {path} is empty; it needs one example per row")
-        data = load_dataset(kind, data_files=str(path), split="train")
-        if len(data) < 2:
-            raise UsageError(f"--dataset {path} has {len(data)} row(s); it needs at least 2 (train and test)")
-        split = data.train_test_split(test_size=min(args.eval_samples, max(1, len(data) // 10)), seed=args.seed)
-        train, test = split["train"], split["test"]
-        prompt_field, response_field = "prompt", "response"
+                             f"nor one of: {', '.join([*TOY_TASKS, *TASKS])}")
+        splits, prompt_field, response_field = {"train": read_file(path)}, "prompt", "response"
     prompt_field, response_field = args.prompt_field or prompt_field, args.response_field or response_field
+    columns = sorted({column for row in splits["train"] for column in row})
     for flag, column in (("--prompt-field", prompt_field), ("--response-field", response_field)):
-        if column not in train.column_names:
-            raise UsageError(f"{args.dataset} has no field {column!r} (fields: {', '.join(train.column_names)}); "
+        if column not in columns:
+            raise UsageError(f"{args.dataset} has no field {column!r} (fields: {', '.join(columns) or 'none'}); "
                              f"set {flag}")
-    test = test.select(range(min(args.eval_samples, len(test))))
-    return tuple([{"prompt": str(row[prompt_field]), "response": str(row[response_field])} for row in split]
-                 for split in (train, test))
+    train, test = (text_rows(splits[name], prompt_field, response_field, f"{args.dataset} ({name})")
+                   if name in splits else None for name in ("train", "test"))
+    if test is None:  # one local file: a tenth of it, at most --eval-samples rows, is held out for evaluation
+        held_out = min(args.eval_samples, max(1, len(train) // 10))
+        train = random.Random(args.seed).sample(train, len(train))
+        train, test = train[held_out:], train[:held_out]
+    if not train or not test:
+        raise UsageError(f"--dataset {args.dataset} gave {len(train)} train and {len(test)} test examples; "
+                         "it needs at least one of each")
+    return train, test[:args.eval_samples]
 
 
 def encode(rows: list[dict], tokenizer, args: Args) -> list[dict]:
-    """Token ids: the prompt in its task template and chat template, the response + EOS (cut on the right).
+    """Token ids: the prompt in its task template and chat template, and the response as the model ends a turn.
     A prompt over --max-prompt-len loses the start of its content, never the instruction or the chat markup."""
     template = TASKS[args.dataset][4] if args.dataset in TASKS else "{prompt}"
     chat = args.chat_template and tokenizer.chat_template is not None
 
-    def wrap(contents: list[str]) -> list[list[int]]:
-        texts = [template.format(prompt=c) for c in contents]
-        if chat:
-            texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                   tokenize=False) for t in texts]
-        return tokenizer(texts, add_special_tokens=not chat)["input_ids"]
+    def render(content: str, response: str | None = None) -> str:
+        turns = [{"role": "user", "content": template.format(prompt=content)},
+                 *([{"role": "assistant", "content": response}] if response is not None else [])]
+        return tokenizer.apply_chat_template(turns, add_generation_prompt=response is None, tokenize=False) \
+            if chat else turns[0]["content"]
 
-    prompt_ids = wrap([row["prompt"] for row in rows])
+    prompts = [render(row["prompt"]) for row in rows]
+    prompt_ids = tokenizer(prompts, add_special_tokens=not chat)["input_ids"]
     for i, ids in enumerate(prompt_ids):
-        if len(ids) > args.max_prompt_len:
+        if len(ids) > args.max_prompt_len:  # cut the content, then render again (re-tokenizing may shift a token)
             content = tokenizer(rows[i]["prompt"], add_special_tokens=False)["input_ids"]
             kept = tokenizer.decode(content[len(ids) - args.max_prompt_len:])
-            prompt_ids[i] = wrap([kept])[0][-args.max_prompt_len:]  # re-tokenizing may shift a token or two
-    response_ids = tokenizer([row["response"] for row in rows], add_special_tokens=False)["input_ids"]
-    return [{"prompt": p, "response": (r + [tokenizer.eos_token_id])[:args.max_new_tokens],
-             "reference": row["response"]} for p, r, row in zip(prompt_ids, response_ids, rows) if p]
+            prompt_ids[i] = tokenizer(render(kept), add_special_tokens=not chat)["input_ids"][-args.max_prompt_len:]
+    if chat:  # the assistant turn as the template ends it: the whole conversation minus the prompt, as chat-format trainers do
+        turns = [render(row["prompt"], row["response"]) for row in rows]
+        if any(not turn.startswith(prompt) for turn, prompt in zip(turns, prompts)):
+            raise UsageError("the chat template renders a conversation that does not start with the prompt it "
+                             "renders for generation, so the answer cannot be cut out; use --no-chat-template")
+        responses = tokenizer([t[len(p):] for t, p in zip(turns, prompts)], add_special_tokens=False)["input_ids"]
+    else:
+        responses = [r + [tokenizer.eos_token_id] for r in
+                     tokenizer([row["response"] for row in rows], add_special_tokens=False)["input_ids"]]
+    return [{"prompt": p, "response": r[:args.max_new_tokens], "reference": row["response"]}
+            for p, r, row in zip(prompt_ids, responses, rows) if p]
 
 
 def collate(examples: list[dict], pad_token_id: int, device) -> dict:
@@ -625,17 +710,14 @@ TOY_TEACHER = dict(n_embd=128, n_layer=4, n_head=4)
 TOY_STUDENT = dict(n_embd=64, n_layer=2, n_head=2)
 
 
-def train(student, teacher, batches, args: Args, tokenizer, rank: int = 0, world: int = 1,
+def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], rank: int = 0, world: int = 1,
           test_batches: list[dict] | None = None, score: str = "exact", log_path: Path | None = None) -> list[dict]:
     """AdamW, linear warm-up then decay; each step: build the sequences, score them, clip, step."""
     device = next(student.parameters()).device
     model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
     student.train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    warmup = max(1, round(args.warmup_ratio * args.max_steps))
-    decay = max(1, args.max_steps - warmup)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, (args.max_steps - s) / decay))  # linear up, then linear down to 0
+    schedule = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * args.max_steps), args.max_steps)
     generator = torch.Generator(device).manual_seed(args.seed + rank)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
     history, bar = [], tqdm(range(1, args.max_steps + 1), desc=args.method, leave=False,
@@ -643,28 +725,31 @@ def train(student, teacher, batches, args: Args, tokenizer, rank: int = 0, world
     for step in bar:
         start = time.perf_counter()
         with autocast:
-            seqs = [make_sequences(next(batches), model, teacher, args, tokenizer.eos_token_id,
-                                   tokenizer.pad_token_id, generator) for _ in range(args.grad_accum)]
+            seqs = [make_sequences(next(batches), model, teacher, args, stop, tokenizer.pad_token_id, generator)
+                    for _ in range(args.grad_accum)]
         num_tokens = sum(seq.completion_mask.sum() for seq in seqs).clamp(min=1)
+        loss = torch.zeros((), device=device)
         if world > 1:  # DDP averages gradients over ranks: divide by the mean token count of all ranks
             dist.all_reduce(num_tokens)
             num_tokens = num_tokens / world
-        loss = 0.0
         for seq in seqs:
             with autocast:
                 micro_loss = sequence_loss(model, teacher, seq, args, num_tokens)
             micro_loss.backward()
-            loss += micro_loss.item()
+            loss += micro_loss.detach()
+        if world > 1:  # each rank's loss is its share over the mean token count: their mean is the global mean
+            dist.all_reduce(loss)
+            loss /= world
         torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step, "loss": loss, **sequence_stats(seqs),
+        record = {"step": step, "loss": loss.item(), **sequence_stats(seqs),
                   "tokens_per_s": num_tokens.item() / (time.perf_counter() - start), "lr": schedule.get_last_lr()[0]}
         if rank == 0 and test_batches and args.eval_every and step % args.eval_every == 0:
-            record["eval_score"] = evaluate(student, tokenizer, test_batches, args, score)
+            record["eval_score"] = evaluate(student, tokenizer, test_batches, args, score, stop)
         history.append(record)
-        bar.set_postfix(loss=f"{loss:.3f}", switch=record["switch_rate"], d=record["divergence"])
+        bar.set_postfix(loss=f"{record['loss']:.3f}", switch=record["switch_rate"], d=record["divergence"])
         if rank == 0 and log_path and (step % args.log_every == 0 or "eval_score" in record):
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -672,47 +757,57 @@ def train(student, teacher, batches, args: Args, tokenizer, rank: int = 0, world
 
 
 def prepare_toy(args: Args, rank: int, world: int, device) -> Args:
-    """The default run's models, both trained by SFT once and cached in --toy-dir: a teacher that solves the toy
-    task almost always, and a smaller student warmed up briefly. Returns args pointing at their folders."""
+    """The toy models of --dataset toy / toy_summary, both trained by SFT once and cached in --toy-dir: a teacher that
+    solves the task almost always, and a smaller student warmed up briefly. Returns args pointing at their folders."""
     from transformers import GPT2Config, GPT2LMHeadModel
     tokenizer = char_tokenizer()
+    rows = toy_rows(args.dataset, args.toy_digits, Args().eval_samples)[0]
+    longest = max(len(row["response"]) for row in rows) + 1  # + EOS
+    # Room for the default --max-prompt-len and --max-new-tokens, or for the task if it is longer.
+    positions = max(Args().max_prompt_len + Args().max_new_tokens, max(len(row["prompt"]) for row in rows) + longest)
     paths = {}
     for name, shape, steps in (("teacher", TOY_TEACHER, args.toy_teacher_steps),
                                ("student", TOY_STUDENT, args.toy_student_steps)):
-        path = Path(args.toy_dir) / f"{args.toy_digits}digits-{name}-{steps}steps"
+        # The folder name holds every flag that changes the model: the cache is never stale.
+        path = Path(args.toy_dir) / f"{args.dataset}-{args.toy_digits}digits-lr{args.toy_lr:g}-{name}-{steps}steps"
         if not (path / "config.json").exists():
             torch.manual_seed(0)  # the same toy models whatever --seed, so runs with different seeds share a start
-            config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, bos_token_id=tokenizer.eos_token_id,
+            config = GPT2Config(vocab_size=len(tokenizer), n_positions=positions, bos_token_id=tokenizer.eos_token_id,
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)
             model = GPT2LMHeadModel(config).to(device)
             # Fixed SFT settings (Args' defaults, warm-up 0.05): the cache depends on the --toy-* flags only.
-            sft = replace(Args(), method="sft", max_steps=steps, lr=args.toy_lr, warmup_ratio=0.05,
-                          max_new_tokens=10 * args.toy_digits + 6)
-            examples = encode(toy_rows(args.toy_digits, sft.eval_samples)[0], tokenizer, sft)
-            batches = batch_stream(examples[rank::world], sft.batch_size, tokenizer.pad_token_id, device, seed=0)
-            train(model, None, batches, sft, tokenizer, rank, world)
+            sft = replace(Args(), method="sft", dataset=args.dataset, max_steps=steps, lr=args.toy_lr,
+                          warmup_ratio=0.05, max_new_tokens=longest)
+            batches = batch_stream(encode(rows, tokenizer, sft)[rank::world], sft.batch_size, tokenizer.pad_token_id,
+                                   device, seed=0)
+            train(model, None, batches, sft, tokenizer, stop_ids(tokenizer), rank, world)
             if rank == 0:
                 model.save_pretrained(path)
                 tokenizer.save_pretrained(path)
             if dist.is_initialized():
                 dist.barrier()
         paths[name] = str(path)
-    return replace(args, teacher=paths["teacher"], student=paths["student"], dataset="toy")
+    return replace(args, teacher=paths["teacher"], student=paths["student"])
 
 
-def load_model(name: str, dtype: str, device):
-    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+def from_pretrained(auto, name: str, **kwargs):
+    """AutoModelForCausalLM or AutoTokenizer from a hub id or a save_pretrained folder; a failure is one line."""
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
         raise UsageError(f"model folder {name} does not exist; give a hub id or a folder saved with save_pretrained")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype))
-    except OSError as error:
-        raise UsageError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from None
-    return model.to(device)
+        return auto.from_pretrained(name, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        what = "tokenizer" if auto is AutoTokenizer else "model"
+        raise UsageError(f"cannot load the {what} of {name}: {str(error).strip().splitlines()[0]}") from None
 
 
 def load_tokenizer(args: Args):
     """The student's tokenizer, after checking that the teacher's is the same (ids are compared one to one)."""
-    teacher, student = AutoTokenizer.from_pretrained(args.teacher), AutoTokenizer.from_pretrained(args.student)
+    teacher, student = (from_pretrained(AutoTokenizer, name) for name in (args.teacher, args.student))
+    for name, tokenizer in ((args.teacher, teacher), (args.student, student)):
+        if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):  # what a folder without one gives
+            raise UsageError(f"{name} has no tokenizer (an empty vocabulary); save it beside the model with "
+                             "tokenizer.save_pretrained")
     probe = "Distillation 101: 3 + 4 = 7, naïve café, 東京.\n"
     if teacher.get_vocab() != student.get_vocab() or teacher(probe)["input_ids"] != student(probe)["input_ids"]:
         raise UsageError(f"the tokenizers of --teacher {args.teacher} and --student {args.student} differ; AdaSwitch "
@@ -720,7 +815,23 @@ def load_tokenizer(args: Args):
     student.padding_side = "left"
     if student.pad_token is None:
         student.pad_token = student.eos_token
+    if student.pad_token is None:
+        raise UsageError(f"the tokenizer of {args.student} has neither a pad nor an EOS token; it cannot end a turn")
     return student
+
+
+def fit_lengths(args: Args, *models) -> Args:
+    """--max-prompt-len capped so that prompt + completion fit the models' positions (past the end of a position
+    table, a model fails with an IndexError deep inside torch, or silently degrades)."""
+    limit = min((p for m in models if (p := getattr(m.config, "max_position_embeddings", None))), default=math.inf)
+    if args.max_new_tokens >= limit:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the models' "
+                         f"{limit} positions; use a smaller value")
+    if args.max_prompt_len + args.max_new_tokens > limit:
+        print(f"note: --max-prompt-len capped from {args.max_prompt_len} to {limit - args.max_new_tokens}, so that "
+              f"prompt + --max-new-tokens {args.max_new_tokens} fit the models' {limit} positions")
+        args = replace(args, max_prompt_len=limit - args.max_new_tokens)
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -731,6 +842,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise UsageError("--device cuda but no GPU is visible; use --device cpu")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)  # before the process group, or every rank's NCCL context lands on GPU 0
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))  # rank 0 evaluates alone
     started = time.perf_counter()
@@ -738,46 +851,48 @@ def main(argv: list[str] | None = None) -> dict:
     if args.teacher is None:
         args = prepare_toy(args, rank, world, device)
     tokenizer = load_tokenizer(args)
-    teacher = load_model(args.teacher, args.dtype, device).eval().requires_grad_(False)
-    student = load_model(args.student, "float32", device)  # bf16 weights would round away most AdamW updates
+    teacher = from_pretrained(AutoModelForCausalLM, args.teacher, dtype=getattr(torch, args.dtype))
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    # The student keeps float32 weights whatever --dtype: bf16 weights would round away most AdamW updates.
+    student = from_pretrained(AutoModelForCausalLM, args.student, dtype=torch.float32).to(device)
     if len(tokenizer) > (logits := min(vocab_size(teacher), vocab_size(student))):
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but a model has only {logits} output logits; "
                          "check --teacher/--student")
     if args.method == "skd" and args.skd_top_k >= len(tokenizer):
         raise UsageError(f"--skd-top-k {args.skd_top_k} covers the whole {len(tokenizer)}-token vocabulary, so SKD "
                          "would never replace a token (that is on_policy); use a smaller --skd-top-k")
+    args = fit_lengths(args, teacher, student)
+    stop = stop_ids(tokenizer, teacher, student)
     random.seed(args.seed)  # after the toy models, so a run repeats whether or not it had to train them
     torch.manual_seed(args.seed)
     train_rows, test_rows = load_rows(args)
-    if not train_rows or not test_rows:
-        raise UsageError(f"--dataset {args.dataset} gave {len(train_rows)} train and {len(test_rows)} test examples")
     pad = tokenizer.pad_token_id
     train_batches = batch_stream(encode(train_rows, tokenizer, args)[rank::world], args.batch_size, pad, device,
                                  seed=args.seed + rank)
     test_batches = list(batch_stream(encode(test_rows, tokenizer, args), args.batch_size, pad, device))
-    auto = {"toy": "number", "gsm8k": "number", "dialogsum": "rouge"}.get(args.dataset, "exact")
-    score = auto if args.score == "auto" else args.score
+    auto = {"toy": "number", "toy_summary": "rouge", "gsm8k": "number", "dialogsum": "rouge"}.get(args.dataset)
+    score = args.score if args.score != "auto" else auto or "exact"
     out = Path(args.output_dir)
     log_path = out / "metrics.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         log_path.unlink(missing_ok=True)
-        teacher_score = evaluate(teacher, tokenizer, test_batches, args, score)
-        before = evaluate(student, tokenizer, test_batches, args, score)
+        teacher_score = evaluate(teacher, tokenizer, test_batches, args, score, stop)
+        before = evaluate(student, tokenizer, test_batches, args, score, stop)
 
     train_started = time.perf_counter()
-    history = train(student, teacher, train_batches, args, tokenizer, rank, world, test_batches, score, log_path)
+    history = train(student, teacher, train_batches, args, tokenizer, stop, rank, world, test_batches, score, log_path)
     train_time = time.perf_counter() - train_started
     summary = {}
     if rank == 0:
-        after = evaluate(student, tokenizer, test_batches, args, score)
+        after = evaluate(student, tokenizer, test_batches, args, score, stop)
         student.save_pretrained(out / "student")
         tokenizer.save_pretrained(out / "student")
         mean = lambda key: (sum(v) / len(v) if (v := [r[key] for r in history if r[key] is not None]) else None)  # noqa: E731
         summary = {"method": args.method, "dataset": args.dataset, "score": score, "teacher": teacher_score,
-                   "student_before": before, "student_after": after, "switch_rate": mean("switch_rate"),
-                   "switch_pos": mean("switch_pos"), "teacher_frac": mean("teacher_frac"),
-                   "divergence": mean("divergence"),
+                   "student_before": before, "student_after": after,
+                   **{key: mean(key) for key in ("switch_rate", "switch_pos", "teacher_frac", "divergence",
+                                                 "completion_len")},
                    "train_seconds": train_time, "seconds_per_step": train_time / args.max_steps,
                    "total_seconds": time.perf_counter() - started, "args": asdict(args)}
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
