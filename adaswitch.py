@@ -3,15 +3,13 @@
 The student writes each sequence until its next-token distribution drifts too far from the teacher's
 (d_i > k * mean of the last `window` divergences); from that step on the teacher writes the rest. The
 student is then trained to match the teacher on every token of the mixed sequence.
-Paper: Peng et al., "AdaSwitch: Balancing Exploration and Guidance in Knowledge Distillation via Adaptive
-Switching" (first titled "AdaSwitch: Adaptive Switching Generation for Knowledge Distillation"), arXiv 2510.07842.
+Paper: Peng et al., "AdaSwitch: Balancing Exploration and Guidance in Knowledge Distillation via Adaptive Switching",
+arXiv 2510.07842 (first titled "AdaSwitch: Adaptive Switching Generation for Knowledge Distillation").
 
     python adaswitch.py                                        # offline default: toy task, tiny models
     python adaswitch.py --teacher Qwen/Qwen2.5-7B-Instruct --student Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k
     python -m pytest -q test_adaswitch.py                      # the tests
 """
-from __future__ import annotations
-
 import csv
 import io
 import json
@@ -21,7 +19,7 @@ import random
 import re
 import sys
 import time
-from argparse import RawDescriptionHelpFormatter
+from argparse import ArgumentError, RawDescriptionHelpFormatter
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -30,9 +28,11 @@ from typing import Literal, get_args
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, HfArgumentParser,
-                          get_linear_schedule_with_warmup)
+                          get_linear_schedule_with_warmup, set_seed)
 from transformers import logging as hf_logging
 
 # ----------------------------------------------------------------------------------------------------
@@ -40,10 +40,8 @@ from transformers import logging as hf_logging
 
 Metric = Literal["fkl", "rkl", "jsd", "tvd"]  # the token divergences defined in the next section
 
-
 def arg(default, text: str):
     return field(default=default, metadata={"help": f"{text} (default: {default})"})
-
 
 @dataclass
 class Args:
@@ -51,8 +49,7 @@ class Args:
     seed: int = arg(0, "seed for initialization, data order and sampling")
     output_dir: str = arg("runs/adaswitch", "where metrics.jsonl, summary.json and the trained student go")
     device: Literal["auto", "cpu", "cuda"] = arg("auto", "auto: cuda when present")
-    dtype: Literal["float32", "bfloat16"] = arg("float32", "the teacher's weights; the student keeps float32 weights, "
-                                                "on GPU under bf16 autocast")
+    dtype: Literal["float32", "bfloat16"] = arg("float32", "the teacher's weights (the student trains in float32)")
     log_every: int = arg(10, "steps between lines of metrics.jsonl")
     eval_every: int = arg(0, "steps between evaluations during training (0: only before and after)")
     # models and data
@@ -65,10 +62,9 @@ class Args:
     max_prompt_len: int = arg(512, "prompts longer than this are cut from the left")
     max_new_tokens: int = arg(64, "completion length limit, for rollouts, labels and evaluation")
     eval_samples: int = arg(500, "test examples used for evaluation")
-    score: Literal["auto", "number", "rouge", "exact"] = arg("auto", "evaluation: number (final number), rouge "
-                                                             "(ROUGE-L F1), exact; auto picks by dataset")
+    score: Literal["auto", "number", "rouge", "exact"] = arg("auto", "final number, ROUGE-L F1; auto: by dataset")
     toy_digits: int = arg(3, "toy task: digits per operand")
-    toy_teacher_steps: int = arg(1000, "toy tasks: SFT steps for the teacher (cached in --toy-dir)")
+    toy_teacher_steps: int | None = arg(None, "toy tasks: SFT steps of the teacher; None: 1000, 3000 for toy_summary")
     toy_student_steps: int = arg(400, "toy tasks: SFT warm-up steps for the student (cached in --toy-dir)")
     toy_lr: float = arg(3e-3, "toy tasks: learning rate of the teacher's and the student's SFT")
     toy_dir: str = arg("runs/toy", "toy tasks: where the trained toy teacher and student are cached")
@@ -91,41 +87,38 @@ class Args:
     min_history: int | None = arg(None, "divergences a row needs before it may switch; None: window")
     teacher_writes_switch_token: bool = arg(True, "the teacher writes the token at the switch step")
     # baselines
-    skd_top_k: int | None = arg(None, "SKD: student tokens outside the teacher's top-k are replaced; "
-                                "None: 25 as in SKD, 2 on the 25-token toy vocabulary")
+    skd_top_k: int | None = arg(None, "SKD: the teacher replaces tokens outside its top-k; None: 25, 2 on the toys")
     beta: float = arg(0.5, "generalized JSD mixing weight (--loss/--metric jsd), in (0, 1)")
-
 
 class UsageError(Exception):
     """Bad input from the command line or the data: printed as one line, no traceback."""
 
-
-class ArgumentParser(HfArgumentParser):
-    def error(self, message):
-        raise UsageError(f"{message} (see --help)")
-
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UsageError(message)
 
 def parse_args(argv: list[str] | None = None) -> Args:
     """Flags -> Args, refusing values that leave the mathematics undefined before any model is loaded."""
-    parser = ArgumentParser(Args, description=__doc__, formatter_class=RawDescriptionHelpFormatter)
-    args, = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
-    if (args.teacher is None) != (args.student is None):
-        raise UsageError("give both --teacher and --student, or neither for a built-in toy task")
-    if args.teacher is None and args.dataset not in TOY_TASKS:
-        raise UsageError(f"--dataset {args.dataset} needs --teacher and --student; the toy models know only "
-                         f"{' and '.join(TOY_TASKS)}")
+    parser = HfArgumentParser(Args, description=__doc__, formatter_class=RawDescriptionHelpFormatter,
+                              exit_on_error=False)
+    try:
+        args, = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
+    except (ArgumentError, ValueError) as error:  # a bad value, an unknown flag: one line instead of argparse's exit
+        raise UsageError(f"{error} (see --help)") from None
+    require((args.teacher is None) == (args.student is None), "give both --teacher and --student, or neither")
+    require(args.teacher is not None or args.dataset in TOY_TASKS,
+            f"--dataset {args.dataset} needs --teacher and --student (toy models: {', '.join(TOY_TASKS)})")
     if args.skd_top_k is None:  # a top-25 on a 25-token vocabulary would keep every student token: on-policy
         args.skd_top_k = 2 if args.teacher is None else 25
-    at_least = {1: ("max_steps", "batch_size", "grad_accum", "max_new_tokens", "max_prompt_len", "eval_samples",
-                    "skd_top_k", "log_every", "toy_digits"), 0: ("eval_every", "toy_teacher_steps", "toy_student_steps")}
-    for low, names in at_least.items():
-        for name in (n for n in names if getattr(args, n) < low):
-            raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
-    for name, ok in (("lr", 0 < args.lr < math.inf), ("toy_lr", 0 < args.toy_lr < math.inf),
-                     ("warmup_ratio", 0 <= args.warmup_ratio <= 1), ("weight_decay", 0 <= args.weight_decay < math.inf),
-                     ("max_grad_norm", 0 < args.max_grad_norm < math.inf)):
-        if not ok:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range (see --help)")
+    if args.toy_teacher_steps is None:  # counting runs of letters takes longer to learn than adding digits
+        args.toy_teacher_steps = 3000 if args.dataset == "toy_summary" else 1000
+    for need, ok, names in ((">= 1", lambda v: v >= 1, "max_steps batch_size grad_accum max_new_tokens max_prompt_len "
+                                                    "eval_samples skd_top_k log_every toy_digits"),
+                            (">= 0", lambda v: v >= 0, "eval_every toy_teacher_steps toy_student_steps weight_decay"),
+                            ("> 0 and finite", lambda v: 0 < v < math.inf, "lr toy_lr max_grad_norm"),
+                            ("in [0, 1]", lambda v: 0 <= v <= 1, "warmup_ratio")):
+        for name in names.split():
+            require(ok(getattr(args, name)), f"--{name.replace('_', '-')} must be {need}, got {getattr(args, name)}")
     try:  # the library's own checks, so the CLI and the functions refuse the same values
         SwitchTracker(1, args.window, args.k, min_history=args.min_history)
         for metric in (args.loss, args.metric):
@@ -141,40 +134,32 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 METRICS = get_args(Metric)
 
-
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) over the last dim. Ids with p = 0 add 0, also where q = 0 (-inf logits), instead of NaN."""
     return (log_p.exp() * (log_p - log_q).masked_fill(log_p == -math.inf, 0.0)).sum(-1)
 
-
 def divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, metric: str = "fkl",
                beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
     """Divergence between softmax(teacher_logits / T) and softmax(student_logits / T): [..., V] -> [...].
-
     fkl = KL(p_t || p_s), rkl = KL(p_s || p_t), tvd = 0.5 * sum |p_t - p_s|, and jsd is the generalized
-    JSD of GKD: beta * KL(p_t || m) + (1 - beta) * KL(p_s || m) with m = beta * p_t + (1 - beta) * p_s.
-    """
+    JSD of GKD: beta * KL(p_t || m) + (1 - beta) * KL(p_s || m) with m = beta * p_t + (1 - beta) * p_s."""
     if metric not in METRICS:
         raise ValueError(f"unknown divergence metric {metric!r}; choose one of {', '.join(METRICS)}")
     if not 0.0 < temperature < math.inf:
         raise ValueError(f"temperature = {temperature}: logits are divided by it; use a temperature > 0")
     if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
-                         f"{tuple(student_logits.shape)} must have the same shape")
+        raise ValueError(f"logit shapes differ: {tuple(teacher_logits.shape)} != {tuple(student_logits.shape)}")
     # float32 always: in bf16 the JSD's small differences of large terms come out negative.
     log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # [..., V]
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # [..., V]
-    if metric == "fkl":
-        return _kl(log_p_t, log_p_s)
-    if metric == "rkl":
-        return _kl(log_p_s, log_p_t)
+    if metric in ("fkl", "rkl"):
+        return _kl(log_p_t, log_p_s) if metric == "fkl" else _kl(log_p_s, log_p_t)
     if metric == "tvd":
         return 0.5 * (log_p_t.exp() - log_p_s.exp()).abs().sum(-1)
     if not 0.0 < beta < 1.0:
         raise ValueError(f"beta = {beta}: jsd needs 0 < beta < 1; beta = 0 or 1 is a plain KL, use fkl or rkl")
     # A finite floor for log 0: logaddexp(-inf, -inf) has a NaN gradient; m > 0 wherever p_t or p_s is.
-    floor = torch.finfo(torch.float32).min
-    log_p_t, log_p_s = log_p_t.clamp(min=floor), log_p_s.clamp(min=floor)
+    log_p_t, log_p_s = (x.clamp(min=torch.finfo(torch.float32).min) for x in (log_p_t, log_p_s))
     log_m = torch.logaddexp(log_p_t + math.log(beta), log_p_s + math.log(1.0 - beta))  # [..., V], log of the mixture
     return beta * _kl(log_p_t, log_m) + (1.0 - beta) * _kl(log_p_s, log_m)
 
@@ -183,22 +168,18 @@ def divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, metri
 # Switch tracker: the paper's rule, one state per row. Row b switches at step i when
 #     d_i > tau_i = k * mean(d_{i-window}, ..., d_{i-1})      (the current d_i is not in the mean)
 
-
 class SwitchTracker:
     """Sliding-window switch rule for a batch of B rows; call `update` once per decoding step.
-
     `min_history` (default `window`) is how many divergences a row must have recorded before it may switch.
     The paper is silent on this warm-up; we wait for a full window, so an early spike cannot end exploration
-    before there is an average to compare with. With fewer than `window` recorded, tau uses their mean.
-    """
+    before there is an average to compare with. With fewer than `window` recorded, tau uses their mean."""
 
     def __init__(self, batch_size: int, window: int, k: float, device=None, min_history: int | None = None):
         if window < 1:
             raise ValueError(f"window = {window}: the moving average needs a divergence; use window >= 1")
         if not k >= 0:
             raise ValueError(f"k = {k}: the threshold is k times a mean divergence; use k >= 0 (inf: never switch)")
-        self.window, self.k = window, float(k)
-        self.min_history = window if min_history is None else min_history
+        self.window, self.k, self.min_history = window, float(k), window if min_history is None else min_history
         if not 1 <= self.min_history <= window:
             raise ValueError(f"min_history = {min_history}: use a value from 1 to window ({window})")
         self.history = torch.zeros(batch_size, window, device=device)          # [B, window] ring buffer
@@ -235,7 +216,6 @@ class SwitchTracker:
 
 MODES = ("student", "teacher", "skd", "adaswitch")
 
-
 @dataclass
 class Rollout:
     sequences: torch.Tensor            # [B, P+N] the left-padded prompt as given, then the completion (pad after EOS)
@@ -246,33 +226,26 @@ class Rollout:
     divergences: torch.Tensor          # [B, N]   d_i where both models ran for the row, 0 elsewhere
     teacher_logits: torch.Tensor | None = None  # [B, N, V] when the teacher ran at every step
 
-
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as Hugging Face's generate computes them: [B, T] -> [B, T]."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-
 def vocab_size(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
-
 def stop_ids(tokenizer, *models) -> list[int]:
-    """Ids that end a completion: the tokenizer's EOS and every eos_token_id of the models' generation_config.
-    Chat checkpoints end a turn with a token of their own (<|im_end|>, <|eot_id|>, <end_of_turn>)."""
+    """The tokenizer's EOS and each model's generation_config eos ids (<|im_end|>, <|eot_id|>, <end_of_turn>)."""
     ids = {tokenizer.eos_token_id}
     for model in models:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         ids.update(eos if isinstance(eos, list) else [eos])
     return sorted(i for i in ids if i is not None)
 
-
 def sample(logits: torch.Tensor, temperature: float = 1.0, do_sample: bool = True, generator=None) -> torch.Tensor:
     """Plain temperature sampling, or argmax when do_sample is False: [B, V] -> [B]."""
     if not do_sample:
         return logits.argmax(-1)
-    probs = F.softmax(logits.float() / temperature, dim=-1)                          # [B, V]
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
+    return torch.multinomial(F.softmax(logits.float() / temperature, dim=-1), 1, generator=generator).squeeze(-1)
 
 @torch.no_grad()
 def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str, *,
@@ -308,9 +281,7 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
             # Once every unfinished row has switched, the student's opinion is no longer needed.
             skip_student = tracker is not None and not (active & ~tracker.switched).any()
             logits = {}
-            for name in needed:
-                if name == "student" and skip_student:
-                    continue
+            for name in (name for name in needed if not (name == "student" and skip_student)):
                 out = models[name](input_ids=ids, attention_mask=mask, position_ids=positions,
                                    cache=caches[name], use_cache=True, logits_to_keep=1)
                 logits[name] = out.logits[:, -1, :vocab]                               # [B, V]
@@ -368,9 +339,8 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
     return Rollout(
         sequences=torch.cat([input_ids, completion], dim=1),                           # [B, P+N]
         attention_mask=torch.cat([attention_mask.long(), completion_mask], dim=1),     # [B, P+N]
-        completion_mask=completion_mask,
+        completion_mask=completion_mask, switch_step=switch_step,
         from_teacher=torch.stack(from_teacher, dim=1),                                 # [B, N]
-        switch_step=switch_step,
         divergences=torch.stack(divergences, dim=1),                                   # [B, N]
         teacher_logits=torch.stack(teacher_logits, dim=1) if len(teacher_logits) == len(tokens) else None,
     )
@@ -379,12 +349,9 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
 # ----------------------------------------------------------------------------------------------------
 # Losses: a token-level divergence between student and (detached) teacher, on completion tokens only.
 
-
 def completion_logits(logits: torch.Tensor, num_new: int) -> torch.Tensor:
-    """The logits that predict the last num_new tokens (the logit at t predicts token t+1): [B, P+N, V] -> [B, N, V].
-    Also takes the last N+1 positions only, as `logits_to_keep=N+1` returns them."""
+    """Logits that predict the last num_new tokens: [B, P+N, V] or the last N+1 positions only -> [B, N, V]."""
     return logits[:, -num_new - 1:-1]
-
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                  metric: str = "fkl", beta: float = 0.5, temperature: float = 1.0,
@@ -392,8 +359,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mas
     """Mean divergence over positions where mask [B, N] is 1; gradients reach the student only. num_tokens
     replaces mask.sum() as the divisor, so gradient accumulation can divide by a whole window's tokens."""
     vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
-    d = divergence(teacher_logits[..., :vocab].detach(), student_logits[..., :vocab], metric, beta,
-                   temperature)                                                                        # [B, N]
+    d = divergence(teacher_logits[..., :vocab].detach(), student_logits[..., :vocab], metric, beta, temperature)
     keep = mask.bool()
     total = torch.where(keep, d, 0.0).sum()  # where, not d * mask: inf * 0 at a masked position would be NaN
     return total / (keep.sum().clamp(min=1) if num_tokens is None else num_tokens)
@@ -403,7 +369,6 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mas
 # Training step: build the sequences (from the dataset or a rollout), then score them.
 
 ROLLOUT_MODE = {"off_policy": "teacher", "on_policy": "student", "skd": "skd", "adaswitch": "adaswitch"}
-
 
 def make_sequences(batch: dict, student, teacher, args: Args, stop: list[int], pad_token_id: int,
                    generator: torch.Generator | None = None) -> Rollout:
@@ -423,7 +388,6 @@ def make_sequences(batch: dict, student, teacher, args: Args, stop: list[int], p
                    pad_token_id=pad_token_id, generator=generator, min_history=args.min_history,
                    teacher_writes_switch_token=args.teacher_writes_switch_token)
 
-
 def sequence_loss(student, teacher, seq: Rollout, args: Args, num_tokens: torch.Tensor) -> torch.Tensor:
     """Summed token loss over the completion of seq, divided by num_tokens (of the whole accumulation window)."""
     n = seq.completion_mask.shape[1]
@@ -431,8 +395,7 @@ def sequence_loss(student, teacher, seq: Rollout, args: Args, num_tokens: torch.
                   position_ids=position_ids(seq.attention_mask), logits_to_keep=n + 1)
     logits = completion_logits(student(**inputs).logits, n)                                 # [B, N, V_s]
     if args.method == "sft":
-        targets = seq.sequences[:, -n:]                                                     # [B, N]
-        nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")    # [B, N]
+        nll = F.cross_entropy(logits.float().transpose(1, 2), seq.sequences[:, -n:], reduction="none")  # [B, N]
         return torch.where(seq.completion_mask.bool(), nll, 0.0).sum() / num_tokens
     teacher_logits = seq.teacher_logits                                                     # [B, N, V_t] or None
     if teacher_logits is None:  # ground truth and the student's own samples: the teacher has not seen them yet
@@ -441,22 +404,19 @@ def sequence_loss(student, teacher, seq: Rollout, args: Args, num_tokens: torch.
     return distill_loss(logits, teacher_logits, seq.completion_mask, args.loss, args.beta, args.temperature,
                         num_tokens)
 
-
 def sequence_stats(seqs: list[Rollout]) -> dict:
     """What the sequences looked like: the logged switch_rate, switch_pos, teacher_frac, divergence, completion_len.
     Micro-batches may differ in width N, so each is flattened before they are joined."""
     join = lambda key: torch.cat([getattr(s, key).flatten() for s in seqs])  # noqa: E731
     mask, switch_step, d = join("completion_mask").bool(), join("switch_step"), join("divergences")  # [sum B*N], [B]
-    lengths = torch.cat([s.completion_mask.sum(-1) for s in seqs])                                     # [B]
     mean = lambda x: x.float().mean().item() if x.numel() else None  # noqa: E731
     return {"switch_rate": mean(switch_step >= 0), "switch_pos": mean(switch_step[switch_step >= 0]),
             "teacher_frac": mean(join("from_teacher")[mask]), "divergence": mean(d[d > 0]),
-            "completion_len": mean(lengths)}
+            "completion_len": mean(torch.cat([s.completion_mask.sum(-1) for s in seqs]))}
 
 
 # ----------------------------------------------------------------------------------------------------
 # Evaluation: greedy completions of the test prompts, scored per task.
-
 
 def final_number(text: str) -> str | None:
     """GSM8K's convention: the number after '####', else the last number in the text."""
@@ -467,30 +427,22 @@ def final_number(text: str) -> str | None:
     number = (numbers[0] if marked else numbers[-1]).replace(",", "")
     return number.rstrip("0").rstrip(".") if "." in number else number
 
-
 def rouge_l(prediction: str, reference: str) -> float:
     """ROUGE-L F1 from the longest common subsequence of tokens, tokenized as the rouge_score package does by
     default (lower case; every run of characters other than a-z and 0-9 separates), so scores compare."""
-    pred, ref = re.findall(r"[a-z0-9]+", prediction.lower()), re.findall(r"[a-z0-9]+", reference.lower())
-    lcs = [0] * (len(ref) + 1)
+    pred, ref = (re.findall(r"[a-z0-9]+", text.lower()) for text in (prediction, reference))
+    lcs = [0] * (len(ref) + 1)  # lcs[j]: LCS of the prediction so far and ref[:j]
     for p in pred:
         diagonal = 0
         for j, r in enumerate(ref, start=1):
             diagonal, lcs[j] = lcs[j], diagonal + 1 if p == r else max(lcs[j], lcs[j - 1])
-    if lcs[-1] == 0:
-        return 0.0
-    precision, recall = lcs[-1] / len(pred), lcs[-1] / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
+    precision, recall = lcs[-1] / max(len(pred), 1), lcs[-1] / max(len(ref), 1)
+    return 2 * precision * recall / (precision + recall) if lcs[-1] else 0.0
 
 def number_match(prediction: str, reference: str) -> float:
-    answer = final_number(prediction)
-    return float(answer is not None and answer == final_number(reference))
+    return float((answer := final_number(prediction)) is not None and answer == final_number(reference))
 
-
-SCORES = {"number": number_match, "rouge": rouge_l,
-          "exact": lambda prediction, reference: float(prediction.strip() == reference.strip())}
-
+SCORES = {"number": number_match, "rouge": rouge_l, "exact": lambda pred, ref: float(pred.strip() == ref.strip())}
 
 @torch.no_grad()
 def evaluate(model, tokenizer, batches: list[dict], args: Args, score: str, stop: list[int]) -> float:
@@ -500,8 +452,7 @@ def evaluate(model, tokenizer, batches: list[dict], args: Args, score: str, stop
         out = rollout(model, None, batch["prompt_ids"], batch["prompt_mask"], "student",
                       max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=stop,
                       pad_token_id=tokenizer.pad_token_id)
-        completions = out.sequences[:, batch["prompt_ids"].shape[1]:]                          # [B, N]
-        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+        texts = tokenizer.batch_decode(out.sequences[:, batch["prompt_ids"].shape[1]:], skip_special_tokens=True)
         scores += [SCORES[score](text, reference) for text, reference in zip(texts, batch["references"])]
     return sum(scores) / len(scores)
 
@@ -517,7 +468,6 @@ TASKS = {  # dataset -> (hub name, config, prompt field, response field, templat
 }
 TOY_CHARS = "0123456789+=# abcdefgh"
 
-
 def addition_example(rng: random.Random, digits: int) -> dict:
     """'0347+0285=' -> '7+5+0=12 4+8+1=13 3+2+1=06 0+0+0=00 ####00632': column addition with its carries.
     One right answer, and most of its tokens copy the prompt: the divergence sits on a few tokens."""
@@ -530,29 +480,25 @@ def addition_example(rng: random.Random, digits: int) -> dict:
         carry = total // 10
     return {"prompt": f"{x}+{y}=", "response": " ".join(columns) + f" ####{a + b:0{digits + 1}d}"}
 
-
 def summary_example(rng: random.Random, digits: int) -> dict:
-    """'bcabca=' -> 'c2 a2 b2': count each letter, in any order (the reference's order is random), like a summary
-    whose wording is free: many valid outputs, and every next item is a choice. Its size ignores `digits`."""
-    letters = rng.sample("abcdefgh", rng.randint(2, 8))
-    counts = {c: rng.randint(1, 3) for c in letters}
-    text = [c for c in letters for _ in range(counts[c])]
-    rng.shuffle(text)
-    rng.shuffle(letters)
-    return {"prompt": "".join(text) + "=", "response": " ".join(f"{c}{counts[c]}" for c in letters)}
-
+    """'bbbadd=' -> 'b3 1a 2d': each run of a letter as its letter and length, the two in either order, like a
+    summary whose wording is free: many right answers, a choice at every item. Its size ignores `digits`."""
+    letters = [rng.choice("abcdefgh")]
+    for _ in range(rng.randint(1, 7)):  # 2 to 8 runs, each of another letter than the one before
+        letters.append(rng.choice([c for c in "abcdefgh" if c != letters[-1]]))
+    counts = [rng.randint(1, 3) for _ in letters]
+    words = [f"{c}{n}" if rng.random() < 0.5 else f"{n}{c}" for c, n in zip(letters, counts)]
+    return {"prompt": "".join(c * n for c, n in zip(letters, counts)) + "=", "response": " ".join(words)}
 
 TOY_TASKS = {"toy": addition_example, "toy_summary": summary_example}
 
-
 def toy_rows(task: str, digits: int, test_size: int, train_size: int = 20000) -> tuple[list[dict], list[dict]]:
     """Train and test splits of a toy task from two fixed streams (test_size only truncates); disjoint prompts."""
+    make = TOY_TASKS[task]
     test_rng, train_rng = random.Random(f"{task}-test-{digits}"), random.Random(f"{task}-train-{digits}")
-    test = [TOY_TASKS[task](test_rng, digits) for _ in range(test_size)]
+    test = [make(test_rng, digits) for _ in range(test_size)]
     seen = {row["prompt"] for row in test}
-    train = [row for row in (TOY_TASKS[task](train_rng, digits) for _ in range(train_size)) if row["prompt"] not in seen]
-    return train, test
-
+    return [row for row in (make(train_rng, digits) for _ in range(train_size)) if row["prompt"] not in seen], test
 
 def char_tokenizer(chars: str = TOY_CHARS):
     """A character-level tokenizer for the toy tasks, wrapped like any Hugging Face checkpoint's tokenizer."""
@@ -564,56 +510,47 @@ def char_tokenizer(chars: str = TOY_CHARS):
     core.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
-
 def read_file(path: Path) -> list[dict]:
     """The rows of a .jsonl, .json (a list of objects) or .csv file; a malformed line is an error naming it."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise UsageError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    if path.suffix == ".csv":
-        reader, rows = csv.DictReader(io.StringIO(text, newline="")), []
-        for row in reader:  # DictReader puts extra cells under the key None and gives missing ones the value None
-            if None in row or None in row.values():
-                raise UsageError(f"{path}, line {reader.line_num}: the number of cells differs from the header's "
-                                 f"{len(reader.fieldnames)}; fix or quote that row")
-            rows.append(row)
-        return rows
+    if path.suffix == ".csv":  # DictReader puts extra cells under the key None, and None for missing cells
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = [(row, reader.line_num) for row in reader]
+        for row, line in rows:
+            require(None not in row and None not in row.values(), f"{path}, line {line}: cells do not match the header")
+        return [row for row, _ in rows]
     rows, lines = [], text.splitlines() if path.suffix == ".jsonl" else [text]
     for i, line in enumerate(lines, start=1):
         try:
-            value = json.loads(line) if line.strip() else []
+            rows += [json.loads(line)] if line.strip() else []
         except json.JSONDecodeError as error:
             raise UsageError(f"{path}, line {max(i, error.lineno)}: not valid JSON ({error.msg})") from None
-        rows += value if isinstance(value, list) else [value]
-    if not all(isinstance(row, dict) for row in rows):
-        raise UsageError(f"{path}: expected one JSON object per row, with the fields as keys")
+    rows = rows[0] if path.suffix == ".json" and rows and isinstance(rows[0], list) else rows
+    require(all(isinstance(row, dict) for row in rows), f"{path}: expected one JSON object per row, fields as keys")
     return rows
 
-
 def text_rows(rows: list[dict], prompt_field: str, response_field: str, name: str) -> list[dict]:
-    """{'prompt', 'response'} texts. Rows with a missing, null or blank field are dropped and counted (never trained
-    on as the text 'None'); a list or object in a field is an error, as it holds no single text."""
+    """{'prompt', 'response'} texts; rows with a missing, null or blank field are dropped, never trained as 'None'."""
     kept = []
     for i, row in enumerate(rows, start=1):
         values = [row.get(prompt_field), row.get(response_field)]
-        if any(isinstance(v, (list, dict)) for v in values):
-            raise UsageError(f"{name}, row {i}: {prompt_field!r} and {response_field!r} must be text, got "
-                             f"{' and '.join(type(v).__name__ for v in values)}; set --prompt-field/--response-field")
+        require(not any(isinstance(v, (list, dict)) for v in values),
+                f"{name}, row {i}: {prompt_field!r} and {response_field!r} must be text, not lists")
         if all(v is not None and str(v).strip() for v in values):
             kept.append({"prompt": str(values[0]), "response": str(values[1])})
     if len(kept) < len(rows):
-        print(f"note: dropped {len(rows) - len(kept)} of {len(rows)} rows of {name}: {prompt_field!r} or "
-              f"{response_field!r} missing or empty")
+        print(f"note: dropped {len(rows) - len(kept)} of {len(rows)} rows of {name}: a missing or empty field")
     return kept
-
 
 def load_rows(args: Args) -> tuple[list[dict], list[dict]]:
     """(train, test) rows of {'prompt': text, 'response': text}; `encode` adds the task's template."""
     if args.dataset in TOY_TASKS:
         train, test = toy_rows(args.dataset, args.toy_digits, args.eval_samples)
-        if (need := max(len(row["response"]) for row in train + test) + 1) > args.max_new_tokens:
-            raise UsageError(f"--dataset {args.dataset} --toy-digits {args.toy_digits} needs --max-new-tokens {need}")
+        need = max(len(row["response"]) for row in train + test) + 1
+        require(need <= args.max_new_tokens, f"--dataset {args.dataset} needs --max-new-tokens {need} or more")
         return train, test
     if args.dataset in TASKS:
         hub, config, prompt_field, response_field, _ = TASKS[args.dataset]
@@ -622,29 +559,23 @@ def load_rows(args: Args) -> tuple[list[dict], list[dict]]:
             splits = {name: list(rows) for name, rows in load_dataset(hub, config).items()}
         except (OSError, ValueError) as error:
             raise UsageError(f"cannot load dataset {hub}: {str(error).splitlines()[0]}") from None
-    else:
-        path = Path(args.dataset)
-        if path.suffix not in (".json", ".jsonl", ".csv") or not path.is_file():
-            raise UsageError(f"--dataset {args.dataset}: not a file ending in .json, .jsonl or .csv, "
-                             f"nor one of: {', '.join([*TOY_TASKS, *TASKS])}")
+    elif (path := Path(args.dataset)).suffix in (".json", ".jsonl", ".csv") and path.is_file():
         splits, prompt_field, response_field = {"train": read_file(path)}, "prompt", "response"
+    else:
+        raise UsageError(f"--dataset {args.dataset}: no such .json/.jsonl/.csv file, nor one of {[*TOY_TASKS, *TASKS]}")
     prompt_field, response_field = args.prompt_field or prompt_field, args.response_field or response_field
     columns = sorted({column for row in splits["train"] for column in row})
+    require(columns, f"{args.dataset} is empty: it needs one example per row")
     for flag, column in (("--prompt-field", prompt_field), ("--response-field", response_field)):
-        if column not in columns:
-            raise UsageError(f"{args.dataset} has no field {column!r} (fields: {', '.join(columns) or 'none'}); "
-                             f"set {flag}")
-    train, test = (text_rows(splits[name], prompt_field, response_field, f"{args.dataset} ({name})")
-                   if name in splits else None for name in ("train", "test"))
-    if test is None:  # one local file: a tenth of it, at most --eval-samples rows, is held out for evaluation
-        held_out = min(args.eval_samples, max(1, len(train) // 10))
-        train = random.Random(args.seed).sample(train, len(train))
-        train, test = train[held_out:], train[:held_out]
-    if not train or not test:
-        raise UsageError(f"--dataset {args.dataset} gave {len(train)} train and {len(test)} test examples; "
-                         "it needs at least one of each")
+        require(column in columns, f"{args.dataset} has no field {column!r} (fields: {columns}); set {flag}")
+    train = text_rows(splits["train"], prompt_field, response_field, args.dataset)
+    if "test" in splits:
+        test = text_rows(splits["test"], prompt_field, response_field, f"{args.dataset} (test)")
+    else:  # one local file: a shuffled tenth of it, at most --eval-samples rows, is held out for evaluation
+        n, train = min(args.eval_samples, max(1, len(train) // 10)), random.Random(args.seed).sample(train, len(train))
+        test, train = train[:n], train[n:]
+    require(train and test, f"--dataset {args.dataset} gave {len(train)} train and {len(test)} test examples")
     return train, test[:args.eval_samples]
-
 
 def encode(rows: list[dict], tokenizer, args: Args) -> list[dict]:
     """Token ids: the prompt in its task template and chat template, and the response as the model ends a turn.
@@ -652,12 +583,11 @@ def encode(rows: list[dict], tokenizer, args: Args) -> list[dict]:
     template = TASKS[args.dataset][4] if args.dataset in TASKS else "{prompt}"
     chat = args.chat_template and tokenizer.chat_template is not None
 
-    def render(content: str, response: str | None = None) -> str:
-        turns = [{"role": "user", "content": template.format(prompt=content)},
-                 *([{"role": "assistant", "content": response}] if response is not None else [])]
-        return tokenizer.apply_chat_template(turns, add_generation_prompt=response is None, tokenize=False) \
-            if chat else turns[0]["content"]
-
+    def render(content: str, *response: str) -> str:  # the chat template's text, with the answer if one is given
+        turns = [{"role": "user", "content": template.format(prompt=content)}]
+        turns += [{"role": "assistant", "content": text} for text in response]
+        return tokenizer.apply_chat_template(turns, add_generation_prompt=not response, tokenize=False) if chat \
+            else turns[0]["content"]
     prompts = [render(row["prompt"]) for row in rows]
     prompt_ids = tokenizer(prompts, add_special_tokens=not chat)["input_ids"]
     for i, ids in enumerate(prompt_ids):
@@ -665,11 +595,10 @@ def encode(rows: list[dict], tokenizer, args: Args) -> list[dict]:
             content = tokenizer(rows[i]["prompt"], add_special_tokens=False)["input_ids"]
             kept = tokenizer.decode(content[len(ids) - args.max_prompt_len:])
             prompt_ids[i] = tokenizer(render(kept), add_special_tokens=not chat)["input_ids"][-args.max_prompt_len:]
-    if chat:  # the assistant turn as the template ends it: the whole conversation minus the prompt, as chat-format trainers do
+    if chat:  # the assistant turn as the template ends it: the whole conversation minus the prompt
         turns = [render(row["prompt"], row["response"]) for row in rows]
-        if any(not turn.startswith(prompt) for turn, prompt in zip(turns, prompts)):
-            raise UsageError("the chat template renders a conversation that does not start with the prompt it "
-                             "renders for generation, so the answer cannot be cut out; use --no-chat-template")
+        require(all(turn.startswith(prompt) for turn, prompt in zip(turns, prompts)),
+                "the chat template's conversation does not extend its prompt; use --no-chat-template")
         responses = tokenizer([t[len(p):] for t, p in zip(turns, prompts)], add_special_tokens=False)["input_ids"]
     else:
         responses = [r + [tokenizer.eos_token_id] for r in
@@ -677,38 +606,27 @@ def encode(rows: list[dict], tokenizer, args: Args) -> list[dict]:
     return [{"prompt": p, "response": r[:args.max_new_tokens], "reference": row["response"]}
             for p, r, row in zip(prompt_ids, responses, rows) if p]
 
-
 def collate(examples: list[dict], pad_token_id: int, device) -> dict:
     """Left-padded prompts [B, P] and right-padded responses [B, N], with their masks."""
-    P, N = max(len(e["prompt"]) for e in examples), max(len(e["response"]) for e in examples)
-    prompt_mask = [[0] * (P - len(e["prompt"])) + [1] * len(e["prompt"]) for e in examples]
-    response_mask = [[1] * len(e["response"]) + [0] * (N - len(e["response"])) for e in examples]
-    tensor = lambda rows: torch.tensor(rows, dtype=torch.long, device=device)  # noqa: E731
-    return {"prompt_ids": tensor([[pad_token_id] * (P - len(e["prompt"])) + e["prompt"] for e in examples]),
-            "prompt_mask": tensor(prompt_mask),
-            "response_ids": tensor([e["response"] + [pad_token_id] * (N - len(e["response"])) for e in examples]),
-            "response_mask": tensor(response_mask), "references": [e["reference"] for e in examples]}
-
+    def pad(key: str, side: str, mask: bool = False) -> torch.Tensor:
+        rows = [torch.ones(len(e[key]), dtype=torch.long) if mask else torch.tensor(e[key]) for e in examples]
+        return pad_sequence(rows, True, 0 if mask else pad_token_id, side).to(device)
+    return {"prompt_ids": pad("prompt", "left"), "prompt_mask": pad("prompt", "left", mask=True),
+            "response_ids": pad("response", "right"), "response_mask": pad("response", "right", mask=True),
+            "references": [e["reference"] for e in examples]}
 
 def batch_stream(examples: list[dict], batch_size: int, pad_token_id: int, device, seed: int | None = None):
     """One pass in order when seed is None (evaluation); else endless reshuffled passes of full batches (training)."""
-    rng, size = random.Random(seed), min(batch_size, len(examples))
-    while True:
-        order = list(range(len(examples)))
-        if seed is not None:
-            rng.shuffle(order)
-        for start in range(0, len(order) - (0 if seed is None else size - 1), size):
-            yield collate([examples[i] for i in order[start:start + size]], pad_token_id, device)
-        if seed is None:
-            return
+    loader = DataLoader(examples, min(batch_size, len(examples)), shuffle=seed is not None, drop_last=seed is not None,
+                        collate_fn=lambda rows: collate(rows, pad_token_id, device),
+                        generator=None if seed is None else torch.Generator().manual_seed(seed))
+    yield from loader
+    while seed is not None:
+        yield from loader
 
 
 # ----------------------------------------------------------------------------------------------------
 # Main: load, train, evaluate, report. Also trains the toy models of the default run.
-
-TOY_TEACHER = dict(n_embd=128, n_layer=4, n_head=4)
-TOY_STUDENT = dict(n_embd=64, n_layer=2, n_head=2)
-
 
 def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], rank: int = 0, world: int = 1,
           test_batches: list[dict] | None = None, score: str = "exact", log_path: Path | None = None) -> list[dict]:
@@ -720,6 +638,11 @@ def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], ran
     schedule = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * args.max_steps), args.max_steps)
     generator = torch.Generator(device).manual_seed(args.seed + rank)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+    def rank_mean(x: torch.Tensor) -> torch.Tensor:  # the mean of x over the processes
+        if world > 1:
+            dist.all_reduce(x)
+        return x / world
     history, bar = [], tqdm(range(1, args.max_steps + 1), desc=args.method, leave=False,
                           disable=rank != 0 or not sys.stderr.isatty())
     for step in bar:
@@ -727,19 +650,14 @@ def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], ran
         with autocast:
             seqs = [make_sequences(next(batches), model, teacher, args, stop, tokenizer.pad_token_id, generator)
                     for _ in range(args.grad_accum)]
-        num_tokens = sum(seq.completion_mask.sum() for seq in seqs).clamp(min=1)
-        loss = torch.zeros((), device=device)
-        if world > 1:  # DDP averages gradients over ranks: divide by the mean token count of all ranks
-            dist.all_reduce(num_tokens)
-            num_tokens = num_tokens / world
+        # DDP averages gradients over ranks, so the summed loss is divided by the mean token count of all ranks.
+        num_tokens, loss = rank_mean(sum(seq.completion_mask.sum() for seq in seqs).clamp(min=1)), 0.0
         for seq in seqs:
             with autocast:
                 micro_loss = sequence_loss(model, teacher, seq, args, num_tokens)
             micro_loss.backward()
             loss += micro_loss.detach()
-        if world > 1:  # each rank's loss is its share over the mean token count: their mean is the global mean
-            dist.all_reduce(loss)
-            loss /= world
+        loss = rank_mean(loss)  # each rank's sum over the mean token count: their mean is the global token mean
         torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
         optimizer.step()
         schedule.step()
@@ -755,91 +673,77 @@ def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], ran
                 f.write(json.dumps(record) + "\n")
     return history
 
-
 def prepare_toy(args: Args, rank: int, world: int, device) -> Args:
     """The toy models of --dataset toy / toy_summary, both trained by SFT once and cached in --toy-dir: a teacher that
     solves the task almost always, and a smaller student warmed up briefly. Returns args pointing at their folders."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    tokenizer = char_tokenizer()
-    rows = toy_rows(args.dataset, args.toy_digits, Args().eval_samples)[0]
+    tokenizer, rows = char_tokenizer(), toy_rows(args.dataset, args.toy_digits, Args().eval_samples)[0]
     longest = max(len(row["response"]) for row in rows) + 1  # + EOS
     # Room for the default --max-prompt-len and --max-new-tokens, or for the task if it is longer.
     positions = max(Args().max_prompt_len + Args().max_new_tokens, max(len(row["prompt"]) for row in rows) + longest)
-    paths = {}
-    for name, shape, steps in (("teacher", TOY_TEACHER, args.toy_teacher_steps),
-                               ("student", TOY_STUDENT, args.toy_student_steps)):
-        # The folder name holds every flag that changes the model: the cache is never stale.
+    # Fixed SFT settings (Args' defaults, warm-up 0.05): the models depend on the --toy-* flags only, and the
+    # folder name holds every one of them, so the cache is never stale.
+    sft = replace(Args(), method="sft", dataset=args.dataset, lr=args.toy_lr, warmup_ratio=0.05, max_new_tokens=longest)
+    for name, shape, steps in (("teacher", dict(n_embd=128, n_layer=4, n_head=4), args.toy_teacher_steps),
+                               ("student", dict(n_embd=64, n_layer=2, n_head=2), args.toy_student_steps)):
         path = Path(args.toy_dir) / f"{args.dataset}-{args.toy_digits}digits-lr{args.toy_lr:g}-{name}-{steps}steps"
         if not (path / "config.json").exists():
             torch.manual_seed(0)  # the same toy models whatever --seed, so runs with different seeds share a start
             config = GPT2Config(vocab_size=len(tokenizer), n_positions=positions, bos_token_id=tokenizer.eos_token_id,
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)
             model = GPT2LMHeadModel(config).to(device)
-            # Fixed SFT settings (Args' defaults, warm-up 0.05): the cache depends on the --toy-* flags only.
-            sft = replace(Args(), method="sft", dataset=args.dataset, max_steps=steps, lr=args.toy_lr,
-                          warmup_ratio=0.05, max_new_tokens=longest)
             batches = batch_stream(encode(rows, tokenizer, sft)[rank::world], sft.batch_size, tokenizer.pad_token_id,
                                    device, seed=0)
-            train(model, None, batches, sft, tokenizer, stop_ids(tokenizer), rank, world)
+            train(model, None, batches, replace(sft, max_steps=steps), tokenizer, stop_ids(tokenizer), rank, world)
             if rank == 0:
                 model.save_pretrained(path)
                 tokenizer.save_pretrained(path)
             if dist.is_initialized():
                 dist.barrier()
-        paths[name] = str(path)
-    return replace(args, teacher=paths["teacher"], student=paths["student"])
-
+        args = replace(args, **{name: str(path)})
+    return args
 
 def from_pretrained(auto, name: str, **kwargs):
     """AutoModelForCausalLM or AutoTokenizer from a hub id or a save_pretrained folder; a failure is one line."""
-    if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
-        raise UsageError(f"model folder {name} does not exist; give a hub id or a folder saved with save_pretrained")
+    require(not name.startswith((".", "/", "~")) or Path(name).expanduser().is_dir(),
+            f"model folder {name} does not exist; give a hub id or a folder saved with save_pretrained")
     try:
         return auto.from_pretrained(name, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        what = "tokenizer" if auto is AutoTokenizer else "model"
-        raise UsageError(f"cannot load the {what} of {name}: {str(error).strip().splitlines()[0]}") from None
+        raise UsageError(f"cannot load {auto.__name__} from {name}: {str(error).strip().splitlines()[0]}") from None
 
-
-def load_tokenizer(args: Args):
-    """The student's tokenizer, after checking that the teacher's is the same (ids are compared one to one)."""
-    teacher, student = (from_pretrained(AutoTokenizer, name) for name in (args.teacher, args.student))
-    for name, tokenizer in ((args.teacher, teacher), (args.student, student)):
-        if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):  # what a folder without one gives
-            raise UsageError(f"{name} has no tokenizer (an empty vocabulary); save it beside the model with "
-                             "tokenizer.save_pretrained")
+def load_models(args: Args, device):
+    """The tokenizer teacher and student share, the frozen teacher, the student; and args with --max-prompt-len
+    capped so that prompt + completion fit the models' positions (past them: an IndexError deep inside torch)."""
+    tokenizers = [from_pretrained(AutoTokenizer, name) for name in (args.teacher, args.student)]
+    for name, tokenizer in zip((args.teacher, args.student), tokenizers):
+        require(len(tokenizer.get_vocab()) > len(tokenizer.all_special_tokens),  # not so in a folder without one
+                f"{name} has an empty tokenizer; save one beside the model with save_pretrained")
     probe = "Distillation 101: 3 + 4 = 7, naïve café, 東京.\n"
-    if teacher.get_vocab() != student.get_vocab() or teacher(probe)["input_ids"] != student(probe)["input_ids"]:
-        raise UsageError(f"the tokenizers of --teacher {args.teacher} and --student {args.student} differ; AdaSwitch "
-                         "compares next-token distributions id by id: pick a teacher and student of one family")
-    student.padding_side = "left"
-    if student.pad_token is None:
-        student.pad_token = student.eos_token
-    if student.pad_token is None:
-        raise UsageError(f"the tokenizer of {args.student} has neither a pad nor an EOS token; it cannot end a turn")
-    return student
-
-
-def fit_lengths(args: Args, *models) -> Args:
-    """--max-prompt-len capped so that prompt + completion fit the models' positions (past the end of a position
-    table, a model fails with an IndexError deep inside torch, or silently degrades)."""
-    limit = min((p for m in models if (p := getattr(m.config, "max_position_embeddings", None))), default=math.inf)
-    if args.max_new_tokens >= limit:
-        raise UsageError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the models' "
-                         f"{limit} positions; use a smaller value")
+    same = len({(tuple(sorted(t.get_vocab().items())), tuple(t(probe)["input_ids"])) for t in tokenizers}) == 1
+    require(same, "the teacher's and the student's tokenizers differ (ids are compared one to one): use one family")
+    tokenizer = tokenizers[1]
+    tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.pad_token or tokenizer.eos_token
+    teacher = from_pretrained(AutoModelForCausalLM, args.teacher, dtype=getattr(torch, args.dtype))
+    # The student keeps float32 weights whatever --dtype: bf16 weights would round away most AdamW updates.
+    student = from_pretrained(AutoModelForCausalLM, args.student, dtype=torch.float32).to(device)
+    logits = min(vocab_size(teacher), vocab_size(student))
+    require(len(tokenizer) <= logits, f"the tokenizer has {len(tokenizer)} tokens, a model only {logits} logits")
+    require(args.method != "skd" or args.skd_top_k < len(tokenizer),
+            f"--skd-top-k {args.skd_top_k} covers the {len(tokenizer)}-token vocabulary (SKD = on_policy); lower it")
+    limit = min(getattr(m.config, "max_position_embeddings", None) or math.inf for m in (teacher, student))
+    require(args.max_new_tokens < limit, f"--max-new-tokens {args.max_new_tokens} fills all {limit} model positions")
     if args.max_prompt_len + args.max_new_tokens > limit:
         print(f"note: --max-prompt-len capped from {args.max_prompt_len} to {limit - args.max_new_tokens}, so that "
-              f"prompt + --max-new-tokens {args.max_new_tokens} fit the models' {limit} positions")
+              f"prompt + --max-new-tokens fit the models' {limit} positions")
         args = replace(args, max_prompt_len=limit - args.max_new_tokens)
-    return args
-
+    return args, tokenizer, teacher.to(device).eval().requires_grad_(False), student
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     hf_logging.disable_progress_bar()  # loading bars for every model file would bury the report
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no GPU is visible; use --device cpu")
+    require(args.device != "cuda" or torch.cuda.is_available(), "--device cuda but no GPU is visible; use --device cpu")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
@@ -850,29 +754,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.teacher is None:
         args = prepare_toy(args, rank, world, device)
-    tokenizer = load_tokenizer(args)
-    teacher = from_pretrained(AutoModelForCausalLM, args.teacher, dtype=getattr(torch, args.dtype))
-    teacher = teacher.to(device).eval().requires_grad_(False)
-    # The student keeps float32 weights whatever --dtype: bf16 weights would round away most AdamW updates.
-    student = from_pretrained(AutoModelForCausalLM, args.student, dtype=torch.float32).to(device)
-    if len(tokenizer) > (logits := min(vocab_size(teacher), vocab_size(student))):
-        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but a model has only {logits} output logits; "
-                         "check --teacher/--student")
-    if args.method == "skd" and args.skd_top_k >= len(tokenizer):
-        raise UsageError(f"--skd-top-k {args.skd_top_k} covers the whole {len(tokenizer)}-token vocabulary, so SKD "
-                         "would never replace a token (that is on_policy); use a smaller --skd-top-k")
-    args = fit_lengths(args, teacher, student)
+    args, tokenizer, teacher, student = load_models(args, device)
     stop = stop_ids(tokenizer, teacher, student)
-    random.seed(args.seed)  # after the toy models, so a run repeats whether or not it had to train them
-    torch.manual_seed(args.seed)
+    set_seed(args.seed)  # after the toy models, so a run repeats whether or not it had to train them
     train_rows, test_rows = load_rows(args)
     pad = tokenizer.pad_token_id
     train_batches = batch_stream(encode(train_rows, tokenizer, args)[rank::world], args.batch_size, pad, device,
                                  seed=args.seed + rank)
     test_batches = list(batch_stream(encode(test_rows, tokenizer, args), args.batch_size, pad, device))
     auto = {"toy": "number", "toy_summary": "rouge", "gsm8k": "number", "dialogsum": "rouge"}.get(args.dataset)
-    score = args.score if args.score != "auto" else auto or "exact"
-    out = Path(args.output_dir)
+    out, score = Path(args.output_dir), args.score if args.score != "auto" else auto or "exact"
     log_path = out / "metrics.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -888,7 +779,7 @@ def main(argv: list[str] | None = None) -> dict:
         after = evaluate(student, tokenizer, test_batches, args, score, stop)
         student.save_pretrained(out / "student")
         tokenizer.save_pretrained(out / "student")
-        mean = lambda key: (sum(v) / len(v) if (v := [r[key] for r in history if r[key] is not None]) else None)  # noqa: E731
+        mean = lambda key: sum(v) / len(v) if (v := [r[key] for r in history if r[key] is not None]) else None  # noqa
         summary = {"method": args.method, "dataset": args.dataset, "score": score, "teacher": teacher_score,
                    "student_before": before, "student_after": after,
                    **{key: mean(key) for key in ("switch_rate", "switch_pos", "teacher_frac", "divergence",
@@ -905,7 +796,6 @@ def main(argv: list[str] | None = None) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return summary
-
 
 if __name__ == "__main__":
     try:

@@ -747,10 +747,10 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--k", "-1"], r"\bk\b.*-1"),
     (["--method", "gkd"], "invalid choice: 'gkd'"),
-    (["--dataset", "missing.jsonl"], "not a file ending in .json, .jsonl or .csv"),
+    (["--dataset", "missing.jsonl"], r"missing\.jsonl: no such \.json/\.jsonl/\.csv file"),
     (["--prompt-field", "problem"], r"no field 'problem' \(fields: .*question.*\); set --prompt-field"),
     (["--method", "skd", "--skd-top-k", str(len(A.char_tokenizer()))],
-     rf"covers the whole {len(A.char_tokenizer())}-token vocabulary.*use a smaller --skd-top-k"),
+     rf"--skd-top-k {len(A.char_tokenizer())} covers the {len(A.char_tokenizer())}-token vocabulary.*on_policy"),
 ])
 def test_bad_input_names_the_problem(saved, tmp_path, extra, message):
     with pytest.raises(A.UsageError, match=message):
@@ -768,7 +768,7 @@ def test_tokenizer_mismatch(saved, tmp_path):
     other = tmp_path / "other-student"
     AutoModelForCausalLM.from_pretrained(saved / "student").save_pretrained(other)
     A.char_tokenizer(A.TOY_CHARS[::-1]).save_pretrained(other)
-    with pytest.raises(A.UsageError, match="tokenizers of --teacher .* differ"):
+    with pytest.raises(A.UsageError, match="teacher.s and the student.s tokenizers differ"):
         A.main(cli_args(saved, tmp_path, "--student", str(other)))
 
 
@@ -1190,6 +1190,7 @@ def test_tutorial_notebook_runs_at_smoke_size(tmp_path, monkeypatch):
     NotebookClient(notebook, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises on the first failing cell
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
-        "comparison.png", "distributions.png", "tracker.png", "training_step.png"]
+        "comparison.png", "distributions.png", "divergence_kinds.png", "k_sweep.png", "short_completions.png",
+        "summary_divergence.png", "tracker.png", "training_step.png", "weak_strong.png"]
     assert all((tmp_path / "runs" / "tutorial" / f"{m}-0" / "summary.json").exists()
                for m in ("sft", "supervised_kd", "off_policy", "on_policy", "skd", "adaswitch"))
