@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, HfArgumentParser,
-                          get_linear_schedule_with_warmup, set_seed)
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, GPT2Config, GPT2LMHeadModel,
+                          HfArgumentParser, PreTrainedTokenizerFast, get_linear_schedule_with_warmup, set_seed)
 from transformers import logging as hf_logging
 
 # ----------------------------------------------------------------------------------------------------
@@ -48,7 +49,7 @@ class Args:
     # run
     seed: int = arg(0, "seed for initialization, data order and sampling")
     output_dir: str = arg("runs/adaswitch", "where metrics.jsonl, summary.json and the trained student go")
-    device: Literal["auto", "cpu", "cuda"] = arg("auto", "auto: cuda when present")
+    cpu: bool = arg(False, "train on the CPU even when a GPU is visible")
     dtype: Literal["float32", "bfloat16"] = arg("float32", "the teacher's weights (the student trains in float32)")
     log_every: int = arg(10, "steps between lines of metrics.jsonl")
     eval_every: int = arg(0, "steps between evaluations during training (0: only before and after)")
@@ -62,7 +63,7 @@ class Args:
     max_prompt_len: int = arg(512, "prompts longer than this are cut from the left")
     max_new_tokens: int = arg(64, "completion length limit, for rollouts, labels and evaluation")
     eval_samples: int = arg(500, "test examples used for evaluation")
-    score: Literal["auto", "number", "rouge", "exact"] = arg("auto", "final number, ROUGE-L F1; auto: by dataset")
+    score: Literal["auto", "number", "rouge", "exact"] = arg("auto", "final number, ROUGE-L, exact; auto: by task")
     toy_digits: int = arg(3, "toy task: digits per operand")
     toy_teacher_steps: int | None = arg(None, "toy tasks: SFT steps of the teacher; None: 1000, 3000 for toy_summary")
     toy_student_steps: int = arg(400, "toy tasks: SFT warm-up steps for the student (cached in --toy-dir)")
@@ -420,11 +421,10 @@ def sequence_stats(seqs: list[Rollout]) -> dict:
 
 def final_number(text: str) -> str | None:
     """GSM8K's convention: the number after '####', else the last number in the text."""
-    marked = "####" in text
     numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text.split("####")[-1])
     if not numbers:
         return None
-    number = (numbers[0] if marked else numbers[-1]).replace(",", "")
+    number = (numbers[0] if "####" in text else numbers[-1]).replace(",", "")
     return number.rstrip("0").rstrip(".") if "." in number else number
 
 def rouge_l(prediction: str, reference: str) -> float:
@@ -502,8 +502,6 @@ def toy_rows(task: str, digits: int, test_size: int, train_size: int = 20000) ->
 
 def char_tokenizer(chars: str = TOY_CHARS):
     """A character-level tokenizer for the toy tasks, wrapped like any Hugging Face checkpoint's tokenizer."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
     vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<unk>", *chars])}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
@@ -676,7 +674,6 @@ def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], ran
 def prepare_toy(args: Args, rank: int, world: int, device) -> Args:
     """The toy models of --dataset toy / toy_summary, both trained by SFT once and cached in --toy-dir: a teacher that
     solves the task almost always, and a smaller student warmed up briefly. Returns args pointing at their folders."""
-    from transformers import GPT2Config, GPT2LMHeadModel
     tokenizer, rows = char_tokenizer(), toy_rows(args.dataset, args.toy_digits, Args().eval_samples)[0]
     longest = max(len(row["response"]) for row in rows) + 1  # + EOS
     # Room for the default --max-prompt-len and --max-new-tokens, or for the task if it is longer.
@@ -743,15 +740,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     hf_logging.disable_progress_bar()  # loading bars for every model file would bury the report
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    require(args.device != "cuda" or torch.cuda.is_available(), "--device cuda but no GPU is visible; use --device cpu")
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)  # before the process group, or every rank's NCCL context lands on GPU 0
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))  # rank 0 evaluates alone
     started = time.perf_counter()
-
     if args.teacher is None:
         args = prepare_toy(args, rank, world, device)
     args, tokenizer, teacher, student = load_models(args, device)

@@ -728,7 +728,7 @@ def test_same_seed_same_losses(saved, tmp_path):
 def test_ddp_two_processes(saved, tmp_path):
     """torchrun with 2 CPU processes (gloo): trains, and only rank 0 logs."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
-               *cli_args(saved, tmp_path, "--method", "adaswitch", "--device", "cpu")]
+               *cli_args(saved, tmp_path, "--method", "adaswitch", "--cpu")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert [r["step"] for r in logged(tmp_path)] == [1, 2]
