@@ -50,7 +50,7 @@ class Args:
     seed: int = arg(0, "seed for initialization, data order and sampling")
     output_dir: str = arg("runs/adaswitch", "where metrics.jsonl, summary.json and the trained student go")
     cpu: bool = arg(False, "train on the CPU even when a GPU is visible")
-    dtype: Literal["float32", "bfloat16"] = arg("float32", "the teacher's weights (the student trains in float32)")
+    dtype: Literal["float32", "bfloat16"] = arg("float32", "teacher weights (student: float32; on GPU: bf16 autocast)")
     log_every: int = arg(10, "steps between lines of metrics.jsonl")
     eval_every: int = arg(0, "steps between evaluations during training (0: only before and after)")
     # models and data
@@ -107,6 +107,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     except (ArgumentError, ValueError) as error:  # a bad value, an unknown flag: one line instead of argparse's exit
         raise UsageError(f"{error} (see --help)") from None
     require((args.teacher is None) == (args.student is None), "give both --teacher and --student, or neither")
+    require(not Path(args.output_dir).is_file(), f"--output-dir {args.output_dir} is a file; give a folder")
     require(args.teacher is not None or args.dataset in TOY_TASKS,
             f"--dataset {args.dataset} needs --teacher and --student (toy models: {', '.join(TOY_TASKS)})")
     if args.skd_top_k is None:  # a top-25 on a 25-token vocabulary would keep every student token: on-policy
@@ -115,7 +116,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
         args.toy_teacher_steps = 3000 if args.dataset == "toy_summary" else 1000
     for need, ok, names in ((">= 1", lambda v: v >= 1, "max_steps batch_size grad_accum max_new_tokens max_prompt_len "
                                                     "eval_samples skd_top_k log_every toy_digits"),
-                            (">= 0", lambda v: v >= 0, "eval_every toy_teacher_steps toy_student_steps weight_decay"),
+                            (">= 0", lambda v: 0 <= v < math.inf, "seed eval_every toy_teacher_steps toy_student_steps "
+                                                                 "weight_decay"),
                             ("> 0 and finite", lambda v: 0 < v < math.inf, "lr toy_lr max_grad_norm"),
                             ("in [0, 1]", lambda v: 0 <= v <= 1, "warmup_ratio")):
         for name in names.split():
@@ -231,9 +233,6 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as Hugging Face's generate computes them: [B, T] -> [B, T]."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-def vocab_size(model) -> int:
-    return model.get_output_embeddings().weight.shape[0]
-
 def stop_ids(tokenizer, *models) -> list[int]:
     """The tokenizer's EOS and each model's generation_config eos ids (<|im_end|>, <|eot_id|>, <end_of_turn>)."""
     ids = {tokenizer.eos_token_id}
@@ -263,7 +262,7 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
     needed = ["student"] if mode == "student" else ["teacher"] if mode == "teacher" else ["student", "teacher"]
     if any(models[name] is None for name in needed):
         raise ValueError(f"mode {mode!r} needs both a student and a teacher model")
-    vocab = min(vocab_size(models[name]) for name in needed)
+    vocab = min(m.get_output_embeddings().weight.shape[0] for m in (student, teacher) if m is not None)  # V
     eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=input_ids.device).flatten()
     batch, device = input_ids.shape[0], input_ids.device
     tracker = (SwitchTracker(batch, window, k, device, min_history) if mode == "adaswitch" else None)
@@ -511,7 +510,7 @@ def char_tokenizer(chars: str = TOY_CHARS):
 def read_file(path: Path) -> list[dict]:
     """The rows of a .jsonl, .json (a list of objects) or .csv file; a malformed line is an error naming it."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheet exports start with a byte-order mark
     except UnicodeDecodeError as error:
         raise UsageError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     if path.suffix == ".csv":  # DictReader puts extra cells under the key None, and None for missing cells
@@ -520,7 +519,7 @@ def read_file(path: Path) -> list[dict]:
         for row, line in rows:
             require(None not in row and None not in row.values(), f"{path}, line {line}: cells do not match the header")
         return [row for row, _ in rows]
-    rows, lines = [], text.splitlines() if path.suffix == ".jsonl" else [text]
+    rows, lines = [], [text] if text.lstrip().startswith("[") else text.split("\n")  # one list, or JSON Lines
     for i, line in enumerate(lines, start=1):
         try:
             rows += [json.loads(line)] if line.strip() else []
@@ -557,7 +556,7 @@ def load_rows(args: Args) -> tuple[list[dict], list[dict]]:
             splits = {name: list(rows) for name, rows in load_dataset(hub, config).items()}
         except (OSError, ValueError) as error:
             raise UsageError(f"cannot load dataset {hub}: {str(error).splitlines()[0]}") from None
-    elif (path := Path(args.dataset)).suffix in (".json", ".jsonl", ".csv") and path.is_file():
+    elif (path := Path(args.dataset).expanduser()).suffix in (".json", ".jsonl", ".csv") and path.is_file():
         splits, prompt_field, response_field = {"train": read_file(path)}, "prompt", "response"
     else:
         raise UsageError(f"--dataset {args.dataset}: no such .json/.jsonl/.csv file, nor one of {[*TOY_TASKS, *TASKS]}")
@@ -569,8 +568,8 @@ def load_rows(args: Args) -> tuple[list[dict], list[dict]]:
     train = text_rows(splits["train"], prompt_field, response_field, args.dataset)
     if "test" in splits:
         test = text_rows(splits["test"], prompt_field, response_field, f"{args.dataset} (test)")
-    else:  # one local file: a shuffled tenth of it, at most --eval-samples rows, is held out for evaluation
-        n, train = min(args.eval_samples, max(1, len(train) // 10)), random.Random(args.seed).sample(train, len(train))
+    else:  # one local file: a tenth of it, at most --eval-samples rows, held out the same way whatever --seed
+        n, train = min(args.eval_samples, max(1, len(train) // 10)), random.Random(0).sample(train, len(train))
         test, train = train[:n], train[n:]
     require(train and test, f"--dataset {args.dataset} gave {len(train)} train and {len(test)} test examples")
     return train, test[:args.eval_samples]
@@ -588,11 +587,13 @@ def encode(rows: list[dict], tokenizer, args: Args) -> list[dict]:
             else turns[0]["content"]
     prompts = [render(row["prompt"]) for row in rows]
     prompt_ids = tokenizer(prompts, add_special_tokens=not chat)["input_ids"]
-    for i, ids in enumerate(prompt_ids):
-        if len(ids) > args.max_prompt_len:  # cut the content, then render again (re-tokenizing may shift a token)
-            content = tokenizer(rows[i]["prompt"], add_special_tokens=False)["input_ids"]
-            kept = tokenizer.decode(content[len(ids) - args.max_prompt_len:])
-            prompt_ids[i] = tokenizer(render(kept), add_special_tokens=not chat)["input_ids"][-args.max_prompt_len:]
+    for i in [i for i, ids in enumerate(prompt_ids) if len(ids) > args.max_prompt_len]:
+        cut = len(prompt_ids[i]) - args.max_prompt_len
+        content = tokenizer(rows[i]["prompt"], add_special_tokens=False)["input_ids"]
+        while len(prompt_ids[i]) > args.max_prompt_len:  # cut the content's start, render again (a token may shift)
+            require(cut <= len(content), f"--max-prompt-len {args.max_prompt_len} cannot hold the prompt's template")
+            prompt_ids[i] = tokenizer(render(tokenizer.decode(content[cut:])), add_special_tokens=not chat)["input_ids"]
+            cut += 1
     if chat:  # the assistant turn as the template ends it: the whole conversation minus the prompt
         turns = [render(row["prompt"], row["response"]) for row in rows]
         require(all(turn.startswith(prompt) for turn, prompt in zip(turns, prompts)),
@@ -678,8 +679,8 @@ def prepare_toy(args: Args, rank: int, world: int, device) -> Args:
     longest = max(len(row["response"]) for row in rows) + 1  # + EOS
     # Room for the default --max-prompt-len and --max-new-tokens, or for the task if it is longer.
     positions = max(Args().max_prompt_len + Args().max_new_tokens, max(len(row["prompt"]) for row in rows) + longest)
-    # Fixed SFT settings (Args' defaults, warm-up 0.05): the models depend on the --toy-* flags only, and the
-    # folder name holds every one of them, so the cache is never stale.
+    # Fixed SFT settings (Args' defaults, warm-up 0.05): the models depend on the --toy-* flags (all of them in the
+    # folder name) and on the machine (GPU autocast, the number of DDP processes), not on the other flags.
     sft = replace(Args(), method="sft", dataset=args.dataset, lr=args.toy_lr, warmup_ratio=0.05, max_new_tokens=longest)
     for name, shape, steps in (("teacher", dict(n_embd=128, n_layer=4, n_head=4), args.toy_teacher_steps),
                                ("student", dict(n_embd=64, n_layer=2, n_head=2), args.toy_student_steps)):
@@ -705,7 +706,7 @@ def from_pretrained(auto, name: str, **kwargs):
     require(not name.startswith((".", "/", "~")) or Path(name).expanduser().is_dir(),
             f"model folder {name} does not exist; give a hub id or a folder saved with save_pretrained")
     try:
-        return auto.from_pretrained(name, **kwargs)
+        return auto.from_pretrained(os.path.expanduser(name), **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UsageError(f"cannot load {auto.__name__} from {name}: {str(error).strip().splitlines()[0]}") from None
 
@@ -724,7 +725,7 @@ def load_models(args: Args, device):
     teacher = from_pretrained(AutoModelForCausalLM, args.teacher, dtype=getattr(torch, args.dtype))
     # The student keeps float32 weights whatever --dtype: bf16 weights would round away most AdamW updates.
     student = from_pretrained(AutoModelForCausalLM, args.student, dtype=torch.float32).to(device)
-    logits = min(vocab_size(teacher), vocab_size(student))
+    logits = min(m.get_output_embeddings().weight.shape[0] for m in (teacher, student))
     require(len(tokenizer) <= logits, f"the tokenizer has {len(tokenizer)} tokens, a model only {logits} logits")
     require(args.method != "skd" or args.skd_top_k < len(tokenizer),
             f"--skd-top-k {args.skd_top_k} covers the {len(tokenizer)}-token vocabulary (SKD = on_policy); lower it")
@@ -746,13 +747,12 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.set_device(device)  # before the process group, or every rank's NCCL context lands on GPU 0
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))  # rank 0 evaluates alone
-    started = time.perf_counter()
+    started, (train_rows, test_rows) = time.perf_counter(), load_rows(args)  # bad data: stop before loading models
     if args.teacher is None:
         args = prepare_toy(args, rank, world, device)
     args, tokenizer, teacher, student = load_models(args, device)
     stop = stop_ids(tokenizer, teacher, student)
     set_seed(args.seed)  # after the toy models, so a run repeats whether or not it had to train them
-    train_rows, test_rows = load_rows(args)
     pad = tokenizer.pad_token_id
     train_batches = batch_stream(encode(train_rows, tokenizer, args)[rank::world], args.batch_size, pad, device,
                                  seed=args.seed + rank)

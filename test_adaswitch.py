@@ -505,6 +505,8 @@ def test_wider_teacher_vocab(student, prompts, mode):
         wide.transformer.wte.weight[V:] *= 10  # make the padded ids the teacher's favourites
     own = run(None, wide, prompts, "teacher", do_sample=True, generator=torch.Generator().manual_seed(0))
     assert (own.sequences >= V).any()  # on its own vocabulary the teacher writes padded ids
+    beside = run(student, wide, prompts, "teacher", do_sample=True, generator=torch.Generator().manual_seed(0))
+    assert (beside.sequences < V).all()  # beside a student (off-policy KD) only ids the student can read
     ro = run(student, wide, prompts, mode, do_sample=True, window=2, k=0.0, skd_top_k=5,
              generator=torch.Generator().manual_seed(0))
     assert ro.from_teacher.any()
@@ -1058,7 +1060,7 @@ def test_bad_input_is_one_line_through_the_cli(saved, tmp_path, case, extra, env
     ["--temperature", "0"], ["--temperature", "-1"], ["--temperature", "nan"], ["--temperature", "inf"],
     ["--loss", "jsd", "--beta", "0"], ["--loss", "jsd", "--beta", "1"], ["--metric", "jsd", "--beta", "1"],
     ["--window", "0"], ["--k", "-1"], ["--k", "nan"], ["--lr", "0"], ["--lr", "nan"], ["--lr", "-1e-4"],
-    ["--warmup-ratio", "1.5"], ["--warmup-ratio", "-0.1"],
+    ["--warmup-ratio", "1.5"], ["--warmup-ratio", "-0.1"], ["--seed", "-1"], ["--weight-decay", "inf"],
 ], ids=" ".join)
 def test_parse_args_refuses_undefined_mathematics(flags):
     """Flag values that make the mathematics undefined are refused by parse_args, naming the flag."""
@@ -1194,3 +1196,52 @@ def test_tutorial_notebook_runs_at_smoke_size(tmp_path, monkeypatch):
         "summary_divergence.png", "tracker.png", "training_step.png", "weak_strong.png"]
     assert all((tmp_path / "runs" / "tutorial" / f"{m}-0" / "summary.json").exists()
                for m in ("sft", "supervised_kd", "off_policy", "on_policy", "skd", "adaswitch"))
+
+
+def test_read_file_takes_what_real_files_hold(tmp_path):
+    """A spreadsheet CSV with a byte-order mark, JSON Lines with U+2028 inside a string, JSON Lines saved as .json
+    and a .json list all give the same rows; splitlines() or a plain utf-8 read would break the first two."""
+    rows = [{"prompt": "one\u2028two", "response": "3"}, {"prompt": "four", "response": "5"}]
+    (tmp_path / "a.csv").write_text("prompt,response\n" + "".join(f'"{r["prompt"]}",{r["response"]}\n' for r in rows),
+                                    encoding="utf-8-sig")
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    (tmp_path / "c.json").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    for name in ("a.csv", "b.jsonl", "c.json", "d.json"):
+        assert A.read_file(tmp_path / name) == rows, name
+
+
+def test_bad_data_stops_the_run_before_any_model_loads(saved, tmp_path):
+    """A malformed data file is reported even when the model folders do not exist: data is read first."""
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": }\n')
+    with pytest.raises(A.UsageError, match=r"bad\.jsonl, line 2"):
+        A.main(["--teacher", str(tmp_path / "none"), "--student", str(tmp_path / "none"),
+                "--dataset", str(tmp_path / "bad.jsonl")])
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(A.UsageError, match="is a file"):
+        A.parse_args(["--output-dir", str(tmp_path / "taken")])
+
+
+def test_long_prompt_cut_keeps_the_template_with_byte_level_bpe():
+    """Byte-level BPE (Llama-3, Qwen, Gemma): cutting the content's start mid-character and re-tokenizing can make
+    the prompt longer again; the cut goes on until it fits, so BOS and the chat markup stay, and no U+FFFD is left."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer, core.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    core.train_from_iterator(["hello world 😀 東京"] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<bos>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>")
+    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>"
+                               "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    rows = [{"prompt": "😀😀😀😀😀😀 hello 東京", "response": "ok"}]
+    for limit in range(20, 36):  # the old cut lost BOS and the markup at every odd limit from 23 on
+        [example] = A.encode(rows, tokenizer, A.parse_args(["--max-prompt-len", str(limit)]))
+        text = tokenizer.decode(example["prompt"])
+        assert len(example["prompt"]) <= limit and example["prompt"][0] == tokenizer.bos_token_id, (limit, text)
+        assert text.startswith("<bos><user>") and text.endswith("東京<eos><assistant>") and "\ufffd" not in text
+    with pytest.raises(A.UsageError, match="cannot hold the prompt's template"):
+        A.encode(rows, tokenizer, A.parse_args(["--max-prompt-len", "8"]))
