@@ -107,7 +107,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
     except (ArgumentError, ValueError) as error:  # a bad value, an unknown flag: one line instead of argparse's exit
         raise UsageError(f"{error} (see --help)") from None
     require((args.teacher is None) == (args.student is None), "give both --teacher and --student, or neither")
-    require(not Path(args.output_dir).is_file(), f"--output-dir {args.output_dir} is a file; give a folder")
+    for name in ("output_dir", "toy_dir"):  # the folders a run writes into
+        require(not Path(getattr(args, name)).is_file(), f"--{name.replace('_', '-')} {getattr(args, name)} is a file")
     require(args.teacher is not None or args.dataset in TOY_TASKS,
             f"--dataset {args.dataset} needs --teacher and --student (toy models: {', '.join(TOY_TASKS)})")
     if args.skd_top_k is None:  # a top-25 on a 25-token vocabulary would keep every student token: on-policy

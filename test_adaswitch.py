@@ -1219,10 +1219,12 @@ def test_bad_data_stops_the_run_before_any_model_loads(saved, tmp_path):
                 "--dataset", str(tmp_path / "bad.jsonl")])
 
 
-def test_output_dir_that_is_a_file_is_refused(tmp_path):
+@pytest.mark.parametrize("flag", ["--output-dir", "--toy-dir"])
+def test_a_folder_flag_that_names_a_file_is_refused(tmp_path, flag):
+    """Both folders a run writes into are checked at parse time, not after training (mkdir's traceback)."""
     (tmp_path / "taken").write_text("")
-    with pytest.raises(A.UsageError, match="is a file"):
-        A.parse_args(["--output-dir", str(tmp_path / "taken")])
+    with pytest.raises(A.UsageError, match=f"{flag} .*taken is a file"):
+        A.parse_args([flag, str(tmp_path / "taken")])
 
 
 def test_long_prompt_cut_keeps_the_template_with_byte_level_bpe():
