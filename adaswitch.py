@@ -9,37 +9,289 @@ arXiv 2510.07842 (first titled "AdaSwitch: Adaptive Switching Generation for Kno
     python adaswitch.py                                        # offline default: toy task, tiny models
     python adaswitch.py --teacher Qwen/Qwen2.5-7B-Instruct --student Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k
     python -m pytest -q test_adaswitch.py                      # the tests
+
+The file has two parts. The method (divergences, switch tracker, rollout, losses) lies between the two lines of
+'=' below and uses nothing defined after them: copy that block whole into your own trainer. The program after
+it (flags, training loop, evaluation, data, main) calls the block as any caller would.
 """
+# ============================================ AdaSwitch: the method ============================================
+# Shapes: B batch, P prompt length, N new tokens, V vocabulary. Needs torch and transformers >= 5.24.
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+# --- Divergences: d(p_t || p_s) per position, reduced over the vocabulary.
+METRICS = ("fkl", "rkl", "jsd", "tvd")
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last dim. Ids with p = 0 add 0, also where q = 0 (-inf logits), instead of NaN."""
+    return (log_p.exp() * (log_p - log_q).masked_fill(log_p == -math.inf, 0.0)).sum(-1)
+
+def divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, metric: str = "fkl",
+               beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """Divergence between softmax(teacher_logits / T) and softmax(student_logits / T): [..., V] -> [...].
+    fkl = KL(p_t || p_s), rkl = KL(p_s || p_t), tvd = 0.5 * sum |p_t - p_s|, and jsd is the generalized
+    JSD of GKD: beta * KL(p_t || m) + (1 - beta) * KL(p_s || m) with m = beta * p_t + (1 - beta) * p_s."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown divergence metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if not 0.0 < temperature < math.inf:
+        raise ValueError(f"temperature = {temperature}: logits are divided by it; use a temperature > 0")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"logit shapes differ: {tuple(teacher_logits.shape)} != {tuple(student_logits.shape)}")
+    # float32 always: in bf16 the JSD's small differences of large terms come out negative.
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # [..., V]
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # [..., V]
+    if metric in ("fkl", "rkl"):
+        return _kl(log_p_t, log_p_s) if metric == "fkl" else _kl(log_p_s, log_p_t)
+    if metric == "tvd":
+        return 0.5 * (log_p_t.exp() - log_p_s.exp()).abs().sum(-1)
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"beta = {beta}: jsd needs 0 < beta < 1; beta = 0 or 1 is a plain KL, use fkl or rkl")
+    # A finite floor for log 0: logaddexp(-inf, -inf) has a NaN gradient; m > 0 wherever p_t or p_s is.
+    log_p_t, log_p_s = (x.clamp(min=torch.finfo(torch.float32).min) for x in (log_p_t, log_p_s))
+    log_m = torch.logaddexp(log_p_t + math.log(beta), log_p_s + math.log(1.0 - beta))  # [..., V], log of the mixture
+    return beta * _kl(log_p_t, log_m) + (1.0 - beta) * _kl(log_p_s, log_m)
+
+# --- Switch tracker: the paper's rule, one state per row. Row b switches at step i when
+#     d_i > tau_i = k * mean(d_{i-window}, ..., d_{i-1})      (the current d_i is not in the mean)
+class SwitchTracker:
+    """Sliding-window switch rule for a batch of B rows; call `update` once per decoding step.
+    `min_history` (default `window`): divergences a row must have recorded before it may switch. The paper is silent
+    on this warm-up; we wait for a full window, so an early spike cannot end exploration before there is an average
+    to compare with. With fewer than `window` recorded, tau uses their mean."""
+
+    def __init__(self, batch_size: int, window: int, k: float, device=None, min_history: int | None = None):
+        if window < 1:
+            raise ValueError(f"window = {window}: the moving average needs a divergence; use window >= 1")
+        if not k >= 0:
+            raise ValueError(f"k = {k}: the threshold is k times a mean divergence; use k >= 0 (inf: never switch)")
+        self.window, self.k, self.min_history = window, float(k), window if min_history is None else min_history
+        if not 1 <= self.min_history <= window:
+            raise ValueError(f"min_history = {min_history}: use a value from 1 to window ({window})")
+        self.history = torch.zeros(batch_size, window, device=device)          # [B, window] ring buffer
+        self.count = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B] divergences recorded
+        self.switched = torch.zeros(batch_size, dtype=torch.bool, device=device)                # [B]
+        self.switch_step = torch.full((batch_size,), -1, dtype=torch.long, device=device)       # [B] step that fired
+        self.step = 0  # 0-based completion index of the next update
+
+    def update(self, d: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed this step's divergences d [B]; returns the rows that switch at this step [B] bool."""
+        d = d.float().to(self.history.device)
+        live = ~self.switched if active is None else active.to(self.switched.device) & ~self.switched  # [B]
+        filled = self.count.clamp(max=self.window)                                                        # [B]
+        tau = self.k * self.history.sum(-1) / filled.clamp(min=1)                                        # [B]
+        # k = inf never switches, stated here rather than left to inf * 0 = nan and d > nan being False.
+        fire = live & (filled >= self.min_history) & (d > tau) & (self.k < math.inf)                     # [B]
+        record = live & ~fire                                                                             # [B]
+        slot = (self.count % self.window).unsqueeze(-1)                                                   # [B, 1]
+        old = self.history.gather(-1, slot).squeeze(-1)                                                   # [B]
+        self.history.scatter_(-1, slot, torch.where(record, d, old).unsqueeze(-1))
+        self.count += record.long()
+        self.switched |= fire
+        self.switch_step = torch.where(fire, self.step, self.switch_step)
+        self.step += 1
+        return fire
+
+# --- Rollout: one batched, KV-cached decoding loop for the four ways of writing a completion.
+#   student   the student writes every token                              (on-policy KD, GKD)
+#   teacher   the teacher writes every token                              (off-policy KD)
+#   skd       the student writes; tokens outside the teacher's top-k are resampled by the teacher (SKD)
+#   adaswitch the student writes until its row's tracker fires, the teacher writes from there on
+MODES = ("student", "teacher", "skd", "adaswitch")
+
+@dataclass
+class Rollout:
+    sequences: torch.Tensor            # [B, P+N] the left-padded prompt as given, then the completion (pad after EOS)
+    attention_mask: torch.Tensor       # [B, P+N] prompt mask, then completion_mask
+    completion_mask: torch.Tensor      # [B, N]   generated tokens up to and including EOS
+    from_teacher: torch.Tensor         # [B, N]   bool, the token was written by the teacher
+    switch_step: torch.Tensor          # [B]      completion index of the first token the teacher wrote; -1 none
+    divergences: torch.Tensor          # [B, N]   d_i where measured, 0 elsewhere
+    measured: torch.Tensor             # [B, N]   bool, both models ran for the row (adaswitch: up to the switch)
+    teacher_logits: torch.Tensor | None = None  # [B, N, V] when the teacher ran at every step
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as Hugging Face's generate computes them: [B, T] -> [B, T]."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+def stop_ids(tokenizer, *models) -> list[int]:
+    """The tokenizer's EOS and each model's generation_config eos ids (<|im_end|>, <|eot_id|>, <end_of_turn>)."""
+    eos = [getattr(getattr(model, "generation_config", None), "eos_token_id", None) for model in models]
+    ids = {tokenizer.eos_token_id, *(i for e in eos for i in (e if isinstance(e, list) else [e]))}
+    return sorted(i for i in ids if i is not None)
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, do_sample: bool = True, generator=None) -> torch.Tensor:
+    """Plain temperature sampling, or argmax when do_sample is False: [B, V] -> [B]."""
+    if not do_sample:
+        return logits.argmax(-1)
+    return torch.multinomial(F.softmax(logits.float() / temperature, dim=-1), 1, generator=generator).squeeze(-1)
+
+@torch.no_grad()
+def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str, *,
+            max_new_tokens: int, window: int = 8, k: float = 1.5, skd_top_k: int = 25, metric: str = "fkl",
+            beta: float = 0.5, temperature: float = 1.0, do_sample: bool = True,
+            eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, generator=None,
+            min_history: int | None = None, teacher_writes_switch_token: bool = True) -> Rollout:
+    """Write a completion for every prompt in input_ids [B, P]; see MODES. The caller gives prompts padded on the
+    left (attention_mask [B, P] 0 there), every id that ends a row (eos_token_id; stop_ids() gathers them), the id
+    written after a row ends, and two models sharing a tokenizer (ids are compared one to one). Both keep a KV cache
+    and see only the new token per step. Logits are compared and sampled over the shared first min(V_s, V_t) ids
+    (padded tables); teacher_logits keep the teacher's dtype (bf16 under autocast); the losses compute in float32."""
+    if mode not in MODES:
+        raise ValueError(f"unknown rollout mode {mode!r}; choose one of {', '.join(MODES)}")
+    models = {"student": student, "teacher": teacher}
+    needed = ["student"] if mode == "student" else ["teacher"] if mode == "teacher" else ["student", "teacher"]
+    if any(models[name] is None for name in needed):
+        raise ValueError(f"mode {mode!r} needs both a student and a teacher model")
+    vocab = min(m.get_output_embeddings().weight.shape[0] for m in (student, teacher) if m is not None)  # V
+    eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=input_ids.device).flatten()
+    batch, device = input_ids.shape[0], input_ids.device
+    tracker = SwitchTracker(batch, window, k, device, min_history) if mode == "adaswitch" else None
+    caches = {name: DynamicCache(config=models[name].config) for name in needed}
+    was_training = {name: models[name].training for name in needed}
+    for name in needed:
+        models[name].eval()
+
+    ids, mask = input_ids, attention_mask                                             # [B, P], [B, P]
+    positions = position_ids(attention_mask)                                          # [B, P]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)                        # [B] row has written EOS
+    tokens, from_teacher, written, divergences, measured, teacher_logits = [], [], [], [], [], []
+    try:
+        for _ in range(max_new_tokens):
+            active = ~done                                                             # [B]
+            # Once every unfinished row has switched, the student's opinion is no longer needed.
+            skip_student = tracker is not None and not (active & ~tracker.switched).any()
+            logits = {}
+            for name in (name for name in needed if not (name == "student" and skip_student)):
+                out = models[name](input_ids=ids, attention_mask=mask, position_ids=positions,
+                                   cache=caches[name], use_cache=True, logits_to_keep=1)
+                logits[name] = out.logits[:, -1, :vocab]                               # [B, V]
+            s_logits, t_logits = logits.get("student"), logits.get("teacher")
+            d, both = torch.zeros(batch, device=device), torch.zeros_like(done)       # [B], [B]
+            if s_logits is not None and t_logits is not None:
+                d = divergence(t_logits, s_logits, metric, beta, temperature)
+                both = active if tracker is None else active & ~tracker.switched
+
+            s_token, token = None, torch.full((batch,), pad_token_id, dtype=torch.long, device=device)  # [B]
+            if mode in ("student", "teacher"):
+                by_teacher = active & (mode == "teacher")
+            elif mode == "skd":
+                s_token = sample(s_logits, temperature, do_sample, generator)          # [B]
+                top = t_logits.topk(min(skd_top_k, vocab), dim=-1).indices              # [B, top_k]
+                by_teacher = (top != s_token.unsqueeze(-1)).all(-1)                    # [B] not in the teacher's top-k
+            else:
+                before = tracker.switched.clone()
+                tracker.update(d, active)
+                # Who writes the switch token is not in the paper: by default the teacher, since the
+                # student's distribution at that step is the one just judged too far from the teacher's.
+                by_teacher = tracker.switched if teacher_writes_switch_token else before
+
+            # Sample only for rows that use the sample (multinomial over V is the loop's largest cost); pad after EOS.
+            student_rows, teacher_rows = active & ~by_teacher, active & by_teacher       # [B], [B]
+            if student_rows.any():
+                s_token = sample(s_logits, temperature, do_sample, generator) if s_token is None else s_token
+                token = torch.where(student_rows, s_token, token)
+            if teacher_rows.any():
+                token = torch.where(teacher_rows, sample(t_logits, temperature, do_sample, generator), token)
+            tokens.append(token)
+            from_teacher.append(teacher_rows)
+            written.append(active)
+            divergences.append(torch.where(both, d, 0.0))
+            measured.append(both)
+            if t_logits is not None:
+                teacher_logits.append(t_logits)
+            done = done | (active & torch.isin(token, eos))
+            if done.all():
+                break
+            ids = token.unsqueeze(-1)                                                  # [B, 1]
+            mask = torch.cat([mask, active.unsqueeze(-1).to(mask.dtype)], dim=-1)     # [B, P+i+1]
+            positions = positions[:, -1:] + 1                                          # [B, 1]
+    finally:
+        for name in needed:
+            models[name].train(was_training[name])
+
+    completion, completion_mask = torch.stack(tokens, 1), torch.stack(written, 1).long()  # [B, N], [B, N]
+    by_teacher = torch.stack(from_teacher, 1)                                          # [B, N]
+    # The first token the teacher wrote: the switch itself, or the step after it with the student writing the
+    # switch token, so that switch_step means the same under both settings (off-policy: 0; SKD: first replacement).
+    switch_step = torch.where(by_teacher.any(1), by_teacher.long().argmax(1), -1)     # [B]
+    return Rollout(
+        sequences=torch.cat([input_ids, completion], dim=1),                           # [B, P+N]
+        attention_mask=torch.cat([attention_mask.long(), completion_mask], dim=1),     # [B, P+N]
+        completion_mask=completion_mask, from_teacher=by_teacher, switch_step=switch_step,
+        divergences=torch.stack(divergences, 1), measured=torch.stack(measured, 1),   # [B, N], [B, N]
+        teacher_logits=torch.stack(teacher_logits, dim=1) if len(teacher_logits) == len(tokens) else None,
+    )
+
+# --- Losses: a token-level divergence between student and (detached) teacher, on completion tokens only.
+def completion_logits(logits: torch.Tensor, num_new: int) -> torch.Tensor:
+    """Logits that predict the last num_new tokens: [B, P+N, V] or the last N+1 positions only -> [B, N, V]."""
+    return logits[:, -num_new - 1:-1]
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:
+    """Sum of values [B, N] where mask is 1, over num_tokens (default: mask.sum()); gradient accumulation passes
+    the count of a whole window, so that every token weighs the same whichever micro-batch holds it."""
+    keep = mask.bool()
+    total = torch.where(keep, values, 0.0).sum()  # where, not values * mask: inf * 0 at a masked position is NaN
+    return total / (keep.sum().clamp(min=1) if num_tokens is None else num_tokens)
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                 metric: str = "fkl", beta: float = 0.5, temperature: float = 1.0,
+                 num_tokens: float | None = None) -> torch.Tensor:
+    """Masked mean divergence between [B, N, V] logits (see masked_mean); gradients reach the student only."""
+    vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    d = divergence(teacher_logits[..., :vocab].detach(), student_logits[..., :vocab], metric, beta, temperature)
+    return masked_mean(d, mask, num_tokens)
+
+def sequence_loss(student, teacher, seq: Rollout, metric: str = "fkl", beta: float = 0.5, temperature: float = 1.0,
+                  num_tokens: float | None = None) -> torch.Tensor:
+    """The student's loss on the completion of seq: the divergence to the teacher at every token (teacher_logits
+    kept by the rollout, else one teacher forward); with teacher None, the tokens' negative log-likelihood (SFT)."""
+    n = seq.completion_mask.shape[1]
+    inputs = dict(input_ids=seq.sequences, attention_mask=seq.attention_mask,
+                  position_ids=position_ids(seq.attention_mask), logits_to_keep=n + 1)
+    logits = completion_logits(student(**inputs).logits, n)                                 # [B, N, V_s]
+    if teacher is None:
+        nll = F.cross_entropy(logits.float().transpose(1, 2), seq.sequences[:, -n:], reduction="none")  # [B, N]
+        return masked_mean(nll, seq.completion_mask, num_tokens)
+    teacher_logits = seq.teacher_logits                                                     # [B, N, V_t] or None
+    if teacher_logits is None:  # ground truth and the student's own samples: the teacher has not seen them yet
+        with torch.no_grad():
+            teacher_logits = completion_logits(teacher(**inputs).logits, n)                 # [B, N, V_t]
+    return distill_loss(logits, teacher_logits, seq.completion_mask, metric, beta, temperature, num_tokens)
+# ========================================== end of the method ==========================================
+
+# The program: flags, training loop, evaluation, data, main. It uses the method above as any caller would.
 import csv
 import io
 import json
-import math
 import os
 import random
 import re
 import sys
 import time
 from argparse import ArgumentError, RawDescriptionHelpFormatter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
-import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, GPT2Config, GPT2LMHeadModel,
-                          HfArgumentParser, PreTrainedTokenizerFast, get_linear_schedule_with_warmup, set_seed)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, HfArgumentParser,
+                          PreTrainedTokenizerFast, get_linear_schedule_with_warmup, set_seed)
 from transformers import logging as hf_logging
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments: one dataclass; `--help` lists every field with its default.
 
-Metric = Literal["fkl", "rkl", "jsd", "tvd"]  # the token divergences defined in the next section
+Metric = Literal[METRICS]  # the token divergences of the method block
 
 def arg(default, text: str):
     return field(default=default, metadata={"help": f"{text} (default: {default})"})
@@ -133,240 +385,6 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Divergences: d(p_t || p_s) per position, reduced over the vocabulary.
-# Shapes: B batch, P prompt length, N new tokens, V vocabulary.
-
-METRICS = get_args(Metric)
-
-def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) over the last dim. Ids with p = 0 add 0, also where q = 0 (-inf logits), instead of NaN."""
-    return (log_p.exp() * (log_p - log_q).masked_fill(log_p == -math.inf, 0.0)).sum(-1)
-
-def divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, metric: str = "fkl",
-               beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
-    """Divergence between softmax(teacher_logits / T) and softmax(student_logits / T): [..., V] -> [...].
-    fkl = KL(p_t || p_s), rkl = KL(p_s || p_t), tvd = 0.5 * sum |p_t - p_s|, and jsd is the generalized
-    JSD of GKD: beta * KL(p_t || m) + (1 - beta) * KL(p_s || m) with m = beta * p_t + (1 - beta) * p_s."""
-    if metric not in METRICS:
-        raise ValueError(f"unknown divergence metric {metric!r}; choose one of {', '.join(METRICS)}")
-    if not 0.0 < temperature < math.inf:
-        raise ValueError(f"temperature = {temperature}: logits are divided by it; use a temperature > 0")
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"logit shapes differ: {tuple(teacher_logits.shape)} != {tuple(student_logits.shape)}")
-    # float32 always: in bf16 the JSD's small differences of large terms come out negative.
-    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # [..., V]
-    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # [..., V]
-    if metric in ("fkl", "rkl"):
-        return _kl(log_p_t, log_p_s) if metric == "fkl" else _kl(log_p_s, log_p_t)
-    if metric == "tvd":
-        return 0.5 * (log_p_t.exp() - log_p_s.exp()).abs().sum(-1)
-    if not 0.0 < beta < 1.0:
-        raise ValueError(f"beta = {beta}: jsd needs 0 < beta < 1; beta = 0 or 1 is a plain KL, use fkl or rkl")
-    # A finite floor for log 0: logaddexp(-inf, -inf) has a NaN gradient; m > 0 wherever p_t or p_s is.
-    log_p_t, log_p_s = (x.clamp(min=torch.finfo(torch.float32).min) for x in (log_p_t, log_p_s))
-    log_m = torch.logaddexp(log_p_t + math.log(beta), log_p_s + math.log(1.0 - beta))  # [..., V], log of the mixture
-    return beta * _kl(log_p_t, log_m) + (1.0 - beta) * _kl(log_p_s, log_m)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Switch tracker: the paper's rule, one state per row. Row b switches at step i when
-#     d_i > tau_i = k * mean(d_{i-window}, ..., d_{i-1})      (the current d_i is not in the mean)
-
-class SwitchTracker:
-    """Sliding-window switch rule for a batch of B rows; call `update` once per decoding step.
-    `min_history` (default `window`) is how many divergences a row must have recorded before it may switch.
-    The paper is silent on this warm-up; we wait for a full window, so an early spike cannot end exploration
-    before there is an average to compare with. With fewer than `window` recorded, tau uses their mean."""
-
-    def __init__(self, batch_size: int, window: int, k: float, device=None, min_history: int | None = None):
-        if window < 1:
-            raise ValueError(f"window = {window}: the moving average needs a divergence; use window >= 1")
-        if not k >= 0:
-            raise ValueError(f"k = {k}: the threshold is k times a mean divergence; use k >= 0 (inf: never switch)")
-        self.window, self.k, self.min_history = window, float(k), window if min_history is None else min_history
-        if not 1 <= self.min_history <= window:
-            raise ValueError(f"min_history = {min_history}: use a value from 1 to window ({window})")
-        self.history = torch.zeros(batch_size, window, device=device)          # [B, window] ring buffer
-        self.count = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B] divergences recorded
-        self.switched = torch.zeros(batch_size, dtype=torch.bool, device=device)                # [B]
-        self.switch_step = torch.full((batch_size,), -1, dtype=torch.long, device=device)       # [B]
-        self.step = 0  # 0-based completion index of the next update
-
-    def update(self, d: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
-        """Feed this step's divergences d [B]; returns the rows that switch at this step [B] bool."""
-        d = d.float().to(self.history.device)
-        live = ~self.switched if active is None else active.to(self.switched.device) & ~self.switched  # [B]
-        filled = self.count.clamp(max=self.window)                                                        # [B]
-        tau = self.k * self.history.sum(-1) / filled.clamp(min=1)                                        # [B]
-        # k = inf and an all-zero history give tau = nan, and d > nan is False: no switch, as intended.
-        fire = live & (filled >= self.min_history) & (d > tau)                                           # [B]
-        record = live & ~fire                                                                             # [B]
-        slot = (self.count % self.window).unsqueeze(-1)                                                   # [B, 1]
-        old = self.history.gather(-1, slot).squeeze(-1)                                                   # [B]
-        self.history.scatter_(-1, slot, torch.where(record, d, old).unsqueeze(-1))
-        self.count += record.long()
-        self.switched |= fire
-        self.switch_step = torch.where(fire, self.step, self.switch_step)
-        self.step += 1
-        return fire
-
-
-# ----------------------------------------------------------------------------------------------------
-# Rollout: one batched, KV-cached decoding loop for the four ways of writing a completion.
-#   student   the student writes every token                              (on-policy KD, GKD)
-#   teacher   the teacher writes every token                              (off-policy KD)
-#   skd       the student writes; tokens outside the teacher's top-k are resampled by the teacher (SKD)
-#   adaswitch the student writes until its row's tracker fires, the teacher writes from there on
-
-MODES = ("student", "teacher", "skd", "adaswitch")
-
-@dataclass
-class Rollout:
-    sequences: torch.Tensor            # [B, P+N] the left-padded prompt as given, then the completion (pad after EOS)
-    attention_mask: torch.Tensor       # [B, P+N] prompt mask, then completion_mask
-    completion_mask: torch.Tensor      # [B, N]   generated tokens up to and including EOS
-    from_teacher: torch.Tensor         # [B, N]   bool, the token was written by the teacher
-    switch_step: torch.Tensor          # [B]      completion index of the switch; -1 none, 0 for mode teacher
-    divergences: torch.Tensor          # [B, N]   d_i where both models ran for the row, 0 elsewhere
-    teacher_logits: torch.Tensor | None = None  # [B, N, V] when the teacher ran at every step
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, as Hugging Face's generate computes them: [B, T] -> [B, T]."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-def stop_ids(tokenizer, *models) -> list[int]:
-    """The tokenizer's EOS and each model's generation_config eos ids (<|im_end|>, <|eot_id|>, <end_of_turn>)."""
-    ids = {tokenizer.eos_token_id}
-    for model in models:
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        ids.update(eos if isinstance(eos, list) else [eos])
-    return sorted(i for i in ids if i is not None)
-
-def sample(logits: torch.Tensor, temperature: float = 1.0, do_sample: bool = True, generator=None) -> torch.Tensor:
-    """Plain temperature sampling, or argmax when do_sample is False: [B, V] -> [B]."""
-    if not do_sample:
-        return logits.argmax(-1)
-    return torch.multinomial(F.softmax(logits.float() / temperature, dim=-1), 1, generator=generator).squeeze(-1)
-
-@torch.no_grad()
-def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str, *,
-            max_new_tokens: int, window: int = 8, k: float = 1.5, skd_top_k: int = 25, metric: str = "fkl",
-            beta: float = 0.5, temperature: float = 1.0, do_sample: bool = True,
-            eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, generator=None,
-            min_history: int | None = None, teacher_writes_switch_token: bool = True) -> Rollout:
-    """Write a completion for every left-padded prompt in input_ids [B, P]; see MODES. Both models keep a KV
-    cache and see only the new token at each step. Logits are compared and sampled over the shared first
-    min(V_student, V_teacher) ids (padded embedding tables within one family)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown rollout mode {mode!r}; choose one of {', '.join(MODES)}")
-    models = {"student": student, "teacher": teacher}
-    needed = ["student"] if mode == "student" else ["teacher"] if mode == "teacher" else ["student", "teacher"]
-    if any(models[name] is None for name in needed):
-        raise ValueError(f"mode {mode!r} needs both a student and a teacher model")
-    vocab = min(m.get_output_embeddings().weight.shape[0] for m in (student, teacher) if m is not None)  # V
-    eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=input_ids.device).flatten()
-    batch, device = input_ids.shape[0], input_ids.device
-    tracker = (SwitchTracker(batch, window, k, device, min_history) if mode == "adaswitch" else None)
-    caches = {name: DynamicCache(config=models[name].config) for name in needed}
-    was_training = {name: models[name].training for name in needed}
-    for name in needed:
-        models[name].eval()
-
-    ids, mask = input_ids, attention_mask                                             # [B, P], [B, P]
-    positions = position_ids(attention_mask)                                          # [B, P]
-    done = torch.zeros(batch, dtype=torch.bool, device=device)                        # [B] row has written EOS
-    tokens, from_teacher, written, divergences, teacher_logits = [], [], [], [], []
-    try:
-        for _ in range(max_new_tokens):
-            active = ~done                                                             # [B]
-            # Once every unfinished row has switched, the student's opinion is no longer needed.
-            skip_student = tracker is not None and not (active & ~tracker.switched).any()
-            logits = {}
-            for name in (name for name in needed if not (name == "student" and skip_student)):
-                out = models[name](input_ids=ids, attention_mask=mask, position_ids=positions,
-                                   cache=caches[name], use_cache=True, logits_to_keep=1)
-                logits[name] = out.logits[:, -1, :vocab]                               # [B, V]
-            s_logits, t_logits = logits.get("student"), logits.get("teacher")
-            d = torch.zeros(batch, device=device)                                      # [B]
-            measured = torch.zeros_like(done)                                          # [B]
-            if s_logits is not None and t_logits is not None:
-                d = divergence(t_logits, s_logits, metric, beta, temperature)
-                measured = active if tracker is None else active & ~tracker.switched
-
-            s_token = None
-            if mode == "student":
-                by_teacher = torch.zeros_like(done)
-            elif mode == "teacher":
-                by_teacher = active
-            elif mode == "skd":
-                s_token = sample(s_logits, temperature, do_sample, generator)          # [B]
-                top = t_logits.topk(min(skd_top_k, vocab), dim=-1).indices              # [B, top_k]
-                by_teacher = (top != s_token.unsqueeze(-1)).all(-1)                    # [B] not in the teacher's top-k
-            else:
-                before = tracker.switched.clone()
-                tracker.update(d, active)
-                # Who writes the switch token is not in the paper: by default the teacher, since the
-                # student's distribution at that step is the one just judged too far from the teacher's.
-                by_teacher = tracker.switched if teacher_writes_switch_token else before
-
-            # Sample only for rows that use the sample: multinomial over V is the loop's largest cost.
-            token = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)  # [B] pad after EOS
-            student_rows, teacher_rows = active & ~by_teacher, active & by_teacher       # [B], [B]
-            if student_rows.any():
-                s_token = sample(s_logits, temperature, do_sample, generator) if s_token is None else s_token
-                token = torch.where(student_rows, s_token, token)
-            if teacher_rows.any():
-                token = torch.where(teacher_rows, sample(t_logits, temperature, do_sample, generator), token)
-            tokens.append(token)
-            from_teacher.append(by_teacher & active)
-            written.append(active)
-            divergences.append(torch.where(measured, d, 0.0))
-            if t_logits is not None:
-                teacher_logits.append(t_logits)
-            done = done | (active & torch.isin(token, eos))
-            if done.all():
-                break
-            ids = token.unsqueeze(-1)                                                  # [B, 1]
-            mask = torch.cat([mask, active.unsqueeze(-1).to(mask.dtype)], dim=-1)     # [B, P+i+1]
-            positions = positions[:, -1:] + 1                                          # [B, 1]
-    finally:
-        for name in needed:
-            models[name].train(was_training[name])
-
-    completion = torch.stack(tokens, dim=1)                                            # [B, N]
-    completion_mask = torch.stack(written, dim=1).long()                               # [B, N]
-    switch_step = tracker.switch_step if tracker is not None else torch.full(
-        (batch,), 0 if mode == "teacher" else -1, dtype=torch.long, device=device)                      # [B]
-    return Rollout(
-        sequences=torch.cat([input_ids, completion], dim=1),                           # [B, P+N]
-        attention_mask=torch.cat([attention_mask.long(), completion_mask], dim=1),     # [B, P+N]
-        completion_mask=completion_mask, switch_step=switch_step,
-        from_teacher=torch.stack(from_teacher, dim=1),                                 # [B, N]
-        divergences=torch.stack(divergences, dim=1),                                   # [B, N]
-        teacher_logits=torch.stack(teacher_logits, dim=1) if len(teacher_logits) == len(tokens) else None,
-    )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Losses: a token-level divergence between student and (detached) teacher, on completion tokens only.
-
-def completion_logits(logits: torch.Tensor, num_new: int) -> torch.Tensor:
-    """Logits that predict the last num_new tokens: [B, P+N, V] or the last N+1 positions only -> [B, N, V]."""
-    return logits[:, -num_new - 1:-1]
-
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-                 metric: str = "fkl", beta: float = 0.5, temperature: float = 1.0,
-                 num_tokens: float | None = None) -> torch.Tensor:
-    """Mean divergence over positions where mask [B, N] is 1; gradients reach the student only. num_tokens
-    replaces mask.sum() as the divisor, so gradient accumulation can divide by a whole window's tokens."""
-    vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
-    d = divergence(teacher_logits[..., :vocab].detach(), student_logits[..., :vocab], metric, beta, temperature)
-    keep = mask.bool()
-    total = torch.where(keep, d, 0.0).sum()  # where, not d * mask: inf * 0 at a masked position would be NaN
-    return total / (keep.sum().clamp(min=1) if num_tokens is None else num_tokens)
-
-
-# ----------------------------------------------------------------------------------------------------
 # Training step: build the sequences (from the dataset or a rollout), then score them.
 
 ROLLOUT_MODE = {"off_policy": "teacher", "on_policy": "student", "skd": "skd", "adaswitch": "adaswitch"}
@@ -381,29 +399,14 @@ def make_sequences(batch: dict, student, teacher, args: Args, stop: list[int], p
                        attention_mask=torch.cat([prompt_mask, response_mask], 1),
                        completion_mask=response_mask, from_teacher=torch.zeros_like(response_mask, dtype=torch.bool),
                        switch_step=torch.full_like(response_mask[:, 0], -1),
-                       divergences=torch.zeros_like(response_mask, dtype=torch.float))
+                       divergences=torch.zeros_like(response_mask, dtype=torch.float),
+                       measured=torch.zeros_like(response_mask, dtype=torch.bool))
     student = getattr(student, "module", student)  # under DDP the rollout runs the bare model, without hooks
     return rollout(student, teacher, prompt_ids, prompt_mask, ROLLOUT_MODE[args.method],
                    max_new_tokens=args.max_new_tokens, window=args.window, k=args.k, skd_top_k=args.skd_top_k,
                    metric=args.metric, beta=args.beta, temperature=args.temperature, eos_token_id=stop,
                    pad_token_id=pad_token_id, generator=generator, min_history=args.min_history,
                    teacher_writes_switch_token=args.teacher_writes_switch_token)
-
-def sequence_loss(student, teacher, seq: Rollout, args: Args, num_tokens: torch.Tensor) -> torch.Tensor:
-    """Summed token loss over the completion of seq, divided by num_tokens (of the whole accumulation window)."""
-    n = seq.completion_mask.shape[1]
-    inputs = dict(input_ids=seq.sequences, attention_mask=seq.attention_mask,
-                  position_ids=position_ids(seq.attention_mask), logits_to_keep=n + 1)
-    logits = completion_logits(student(**inputs).logits, n)                                 # [B, N, V_s]
-    if args.method == "sft":
-        nll = F.cross_entropy(logits.float().transpose(1, 2), seq.sequences[:, -n:], reduction="none")  # [B, N]
-        return torch.where(seq.completion_mask.bool(), nll, 0.0).sum() / num_tokens
-    teacher_logits = seq.teacher_logits                                                     # [B, N, V_t] or None
-    if teacher_logits is None:  # ground truth and the student's own samples: the teacher has not seen them yet
-        with torch.no_grad():
-            teacher_logits = completion_logits(teacher(**inputs).logits, n)                 # [B, N, V_t]
-    return distill_loss(logits, teacher_logits, seq.completion_mask, args.loss, args.beta, args.temperature,
-                        num_tokens)
 
 def sequence_stats(seqs: list[Rollout]) -> dict:
     """What the sequences looked like: the logged switch_rate, switch_pos, teacher_frac, divergence, completion_len.
@@ -412,7 +415,7 @@ def sequence_stats(seqs: list[Rollout]) -> dict:
     mask, switch_step, d = join("completion_mask").bool(), join("switch_step"), join("divergences")  # [sum B*N], [B]
     mean = lambda x: x.float().mean().item() if x.numel() else None  # noqa: E731
     return {"switch_rate": mean(switch_step >= 0), "switch_pos": mean(switch_step[switch_step >= 0]),
-            "teacher_frac": mean(join("from_teacher")[mask]), "divergence": mean(d[d > 0]),
+            "teacher_frac": mean(join("from_teacher")[mask]), "divergence": mean(d[join("measured")]),
             "completion_len": mean(torch.cat([s.completion_mask.sum(-1) for s in seqs]))}
 
 
@@ -654,7 +657,8 @@ def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], ran
         num_tokens, loss = rank_mean(sum(seq.completion_mask.sum() for seq in seqs).clamp(min=1)), 0.0
         for seq in seqs:
             with autocast:
-                micro_loss = sequence_loss(model, teacher, seq, args, num_tokens)
+                micro_loss = sequence_loss(model, teacher if args.method != "sft" else None, seq, args.loss,
+                                           args.beta, args.temperature, num_tokens)
             micro_loss.backward()
             loss += micro_loss.detach()
         loss = rank_mean(loss)  # each rank's sum over the mean token count: their mean is the global token mean

@@ -384,13 +384,13 @@ def test_k_zero_switches_at_window_then_teacher_continues(student, teacher, prom
 
 @pytest.mark.parametrize("teacher_writes_switch_token", [True, False])
 def test_from_teacher_agrees_with_switch_step_and_models(student, teacher, prompts, teacher_writes_switch_token):
-    """from_teacher is 1 from the switch (or the step after it) on, and each token is its writer's greedy choice."""
+    """switch_step is the first teacher token in both settings, from_teacher is 1 from there on, and each token is its
+    writer's greedy choice; the rule fired at switch_step, or one step before when the student writes that token."""
     ro = run(student, teacher, prompts, "adaswitch", window=2, k=1.5,
              teacher_writes_switch_token=teacher_writes_switch_token)
     steps = ro.switch_step.tolist()
     assert any(2 < s < N - 1 for s in steps)  # some row switches in the middle: the check has teeth
-    first = ro.switch_step + (0 if teacher_writes_switch_token else 1)
-    expected = (torch.arange(N) >= first[:, None]) & (ro.switch_step[:, None] >= 0)
+    expected = (torch.arange(N) >= ro.switch_step[:, None]) & (ro.switch_step[:, None] >= 0)
     assert torch.equal(ro.from_teacher, expected)
     completion = ro.sequences[:, -N:]
     by_teacher, by_student = fresh_logits(teacher, ro).argmax(-1), fresh_logits(student, ro).argmax(-1)
@@ -398,7 +398,8 @@ def test_from_teacher_agrees_with_switch_step_and_models(student, teacher, promp
     # the tracker replayed on the recorded divergences gives the same switch steps
     tracker = SwitchTracker(3, window=2, k=1.5)
     feed(tracker, ro.divergences, ro.completion_mask.bool())
-    assert tracker.switch_step.tolist() == steps
+    fired = [s - (not teacher_writes_switch_token) if s >= 0 else -1 for s in steps]
+    assert tracker.switch_step.tolist() == fired
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -433,6 +434,7 @@ def test_skd_tokens_lie_in_teacher_top_k(student, teacher, prompts):
     rejected = ~(top == student_choice[..., None]).any(-1)
     assert rejected.any() and not rejected.all()
     assert torch.equal(ro.from_teacher, rejected)
+    assert ro.switch_step.tolist() == [r.tolist().index(True) if r.any() else -1 for r in rejected]  # first replacement
     assert torch.equal(completion[~rejected], student_choice[~rejected])
     ro = run(student, teacher, prompts, "skd", skd_top_k=V)
     assert torch.equal(ro.sequences, run(student, teacher, prompts, "student").sequences)
@@ -480,6 +482,7 @@ def test_divergences_where_both_models_ran(student, teacher, prompts, mode, metr
     else:
         both = keep & ((ro.switch_step[:, None] < 0) | (steps <= ro.switch_step[:, None]))
         assert (ro.switch_step >= 0).any() and not both[keep].all()
+    assert torch.equal(ro.measured, both)
     assert torch.equal(ro.divergences != 0, both)
     fresh = divergence(fresh_logits(teacher, ro), fresh_logits(student, ro), metric, beta)
     assert torch.allclose(ro.divergences[both], fresh[both], rtol=1e-3, atol=1e-4)
@@ -657,6 +660,69 @@ def test_distill_loss_cuts_a_wider_teacher_vocab():
     """A teacher with extra (padded) ids is compared on the student's ids only."""
     s, t, mask = loss_inputs(vocab_t=12)
     assert torch.allclose(distill_loss(s, t, mask), distill_loss(s, t[..., :9], mask))
+
+
+def test_sequence_loss_is_the_distill_loss_of_a_fresh_forward_or_the_nll(student, teacher, prompts):
+    """sequence_loss == distill_loss of fresh parallel logits (kept teacher logits or not); teacher None: the NLL."""
+    ro = run(student, teacher, prompts, "adaswitch", window=2, k=1.5)
+    with torch.no_grad():
+        s, t = (completion_logits(m(input_ids=ro.sequences, attention_mask=ro.attention_mask,
+                                    position_ids=A.position_ids(ro.attention_mask)).logits, N) for m in (student, teacher))
+        for kept in (ro.teacher_logits, None):
+            seq = A.Rollout(**{**vars(ro), "teacher_logits": kept})
+            assert torch.allclose(A.sequence_loss(student, teacher, seq, "rkl"), distill_loss(s, t, ro.completion_mask, "rkl"),
+                                  atol=1e-4)
+        nll = F.cross_entropy(s.transpose(1, 2), ro.sequences[:, -N:], reduction="none")
+        assert torch.allclose(A.sequence_loss(student, None, ro, num_tokens=7.0), nll.sum() / 7, atol=1e-4)
+
+
+def test_statistics_count_measured_zero_divergences():
+    """A divergence that was measured and is exactly 0 counts in the logged mean; an unmeasured one does not."""
+    mask = torch.ones(1, 3, dtype=torch.long)
+    seq = A.Rollout(sequences=torch.zeros(1, 5, dtype=torch.long), attention_mask=torch.ones(1, 5), completion_mask=mask,
+                    from_teacher=torch.tensor([[False, False, True]]), switch_step=torch.tensor([2]),
+                    divergences=torch.tensor([[0.0, 3.0, 0.0]]), measured=torch.tensor([[True, True, False]]))
+    stats = A.sequence_stats([seq])
+    assert stats["divergence"] == 1.5 and stats["switch_pos"] == 2 and stats["teacher_frac"] == pytest.approx(1 / 3)
+
+
+def test_the_method_block_runs_alone(tmp_path):
+    """The block between the '=' lines of adaswitch.py, copied alone as a reader would, runs in a fresh process where
+    adaswitch.py cannot be imported: an AdaSwitch rollout on tiny models switches as the main tests require, and its
+    loss sends gradients to the student only. A name defined below the block would fail here."""
+    lines = Path(A.__file__).read_text().splitlines()
+    marks = [i for i, line in enumerate(lines) if re.fullmatch(r"# =+ .* =+", line)]
+    assert len(marks) == 2 and "the method" in lines[marks[0]] and "end of the method" in lines[marks[1]]
+    block = "\n".join(lines[marks[0]:marks[1] + 1])
+    assert len(block.splitlines()) <= 250
+    check = """
+from transformers import GPT2Config, GPT2LMHeadModel
+def tiny(seed, width):
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=48, n_positions=64, n_embd=width, n_layer=2, n_head=2,
+                                      initializer_range=0.5, bos_token_id=1, eos_token_id=2)).eval()
+student, teacher = tiny(0, 32), tiny(1, 64)
+ids = torch.randint(3, 48, (3, 7), generator=torch.Generator().manual_seed(0))
+mask = torch.tensor([[1] * 7, [0] * 3 + [1] * 4, [0] * 5 + [1] * 2])
+ro = rollout(student, teacher, ids * mask, mask, "adaswitch", max_new_tokens=10, window=2, k=1.5, do_sample=False)
+assert ((ro.switch_step > 2) & (ro.switch_step < 9)).any(), ro.switch_step  # a switch mid-way: the checks have teeth
+switched, steps = ro.switch_step[:, None] >= 0, torch.arange(10)
+assert torch.equal(ro.from_teacher, switched & (steps >= ro.switch_step[:, None]))
+tracker = SwitchTracker(3, window=2, k=1.5)
+for i in range(10):
+    tracker.update(ro.divergences[:, i], ro.measured[:, i])
+assert torch.equal(tracker.switch_step, ro.switch_step)
+assert torch.equal(ro.measured, ~switched | (steps <= ro.switch_step[:, None]))  # d_i up to and with the switch
+loss = sequence_loss(student.train(), teacher, ro)
+loss.backward()
+assert loss > 0 and student.lm_head.weight.grad.abs().sum() > 0
+assert all(p.grad is None for p in teacher.parameters())
+print("copied block ok")
+"""
+    (tmp_path / "copied.py").write_text(block + "\n" + check)
+    result = subprocess.run([sys.executable, "copied.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0 and "copied block ok" in result.stdout, result.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------------------------------
