@@ -265,14 +265,18 @@ def sequence_loss(student, teacher, seq: Rollout, metric: str = "fkl", beta: flo
 # ========================================== end of the method ==========================================
 
 # The program: flags, training loop, evaluation, data, main. It uses the method above as any caller would.
+import contextlib
 import csv
 import io
+import itertools
 import json
 import os
 import random
 import re
+import shutil
 import sys
 import time
+import zlib
 from argparse import ArgumentError, RawDescriptionHelpFormatter
 from dataclasses import asdict, field, replace
 from datetime import timedelta
@@ -300,7 +304,10 @@ def arg(default, text: str):
 class Args:
     # run
     seed: int = arg(0, "seed for initialization, data order and sampling")
-    output_dir: str = arg("runs/adaswitch", "where metrics.jsonl, summary.json and the trained student go")
+    output_dir: str | None = arg(None, "the run's folder (metrics, checkpoints, student); None: runs/<method>-<data>-<seed>-<time>")
+    save_every: int = arg(100, "steps between checkpoints in --output-dir (one is also written at the end)")
+    resume: bool = arg(False, "continue the run in --output-dir from its last checkpoint")
+    overwrite: bool = arg(False, "replace a run already in --output-dir")
     cpu: bool = arg(False, "train on the CPU even when a GPU is visible")
     dtype: Literal["float32", "bfloat16"] = arg("float32", "teacher weights (student: float32; on GPU: bf16 autocast)")
     log_every: int = arg(10, "steps between lines of metrics.jsonl")
@@ -359,6 +366,9 @@ def parse_args(argv: list[str] | None = None) -> Args:
     except (ArgumentError, ValueError) as error:  # a bad value, an unknown flag: one line instead of argparse's exit
         raise UsageError(f"{error} (see --help)") from None
     require((args.teacher is None) == (args.student is None), "give both --teacher and --student, or neither")
+    require(args.output_dir or not args.resume, "--resume needs the --output-dir of the run to continue")
+    stamp = time.strftime("%Y%m%d-%H%M%S")  # CleanRL-style names, so that a second run never erases the first
+    args.output_dir = args.output_dir or f"runs/{args.method}-{Path(args.dataset).stem}-{args.seed}-{stamp}"
     for name in ("output_dir", "toy_dir"):  # the folders a run writes into
         require(not Path(getattr(args, name)).is_file(), f"--{name.replace('_', '-')} {getattr(args, name)} is a file")
     require(args.teacher is not None or args.dataset in TOY_TASKS,
@@ -368,7 +378,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     if args.toy_teacher_steps is None:  # counting runs of letters takes longer to learn than adding digits
         args.toy_teacher_steps = 3000 if args.dataset == "toy_summary" else 1000
     for need, ok, names in ((">= 1", lambda v: v >= 1, "max_steps batch_size grad_accum max_new_tokens max_prompt_len "
-                                                    "eval_samples skd_top_k log_every toy_digits"),
+                                                    "eval_samples skd_top_k log_every save_every toy_digits"),
                             (">= 0", lambda v: 0 <= v < math.inf, "seed eval_every toy_teacher_steps toy_student_steps "
                                                                  "weight_decay"),
                             ("> 0 and finite", lambda v: 0 < v < math.inf, "lr toy_lr max_grad_norm"),
@@ -448,10 +458,10 @@ def number_match(prediction: str, reference: str) -> float:
 SCORES = {"number": number_match, "rouge": rouge_l, "exact": lambda pred, ref: float(pred.strip() == ref.strip())}
 
 @torch.no_grad()
-def evaluate(model, tokenizer, batches: list[dict], args: Args, score: str, stop: list[int]) -> float:
+def evaluate(model, tokenizer, batches: list[dict], args: Args, score: str, stop: list[int], desc: str = "eval") -> float:
     """Mean score of the model's greedy completions (the student writes alone: rollout mode 'student')."""
     scores = []
-    for batch in batches:
+    for batch in tqdm(batches, desc=desc, leave=False, disable=not sys.stderr.isatty()):
         out = rollout(model, None, batch["prompt_ids"], batch["prompt_mask"], "student",
                       max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=stop,
                       pad_token_id=tokenizer.pad_token_id)
@@ -496,12 +506,12 @@ def summary_example(rng: random.Random, digits: int) -> dict:
 TOY_TASKS = {"toy": addition_example, "toy_summary": summary_example}
 
 def toy_rows(task: str, digits: int, test_size: int, train_size: int = 20000) -> tuple[list[dict], list[dict]]:
-    """Train and test splits of a toy task from two fixed streams (test_size only truncates); disjoint prompts."""
-    make = TOY_TASKS[task]
+    """Train and test rows of a toy task from two fixed streams. A prompt is for testing when its CRC-32 is divisible
+    by 10, so no test prompt is ever trained on, whatever test_size (which only truncates the test stream)."""
+    make, held_out = TOY_TASKS[task], lambda row: zlib.crc32(row["prompt"].encode()) % 10 == 0  # noqa: E731
     test_rng, train_rng = random.Random(f"{task}-test-{digits}"), random.Random(f"{task}-train-{digits}")
-    test = [make(test_rng, digits) for _ in range(test_size)]
-    seen = {row["prompt"] for row in test}
-    return [row for row in (make(train_rng, digits) for _ in range(train_size)) if row["prompt"] not in seen], test
+    test = itertools.islice(filter(held_out, (make(test_rng, digits) for _ in itertools.count())), test_size)
+    return [row for row in (make(train_rng, digits) for _ in range(train_size)) if not held_out(row)], list(test)
 
 def char_tokenizer(chars: str = TOY_CHARS):
     """A character-level tokenizer for the toy tasks, wrapped like any Hugging Face checkpoint's tokenizer."""
@@ -631,38 +641,79 @@ def batch_stream(examples: list[dict], batch_size: int, pad_token_id: int, devic
 # ----------------------------------------------------------------------------------------------------
 # Main: load, train, evaluate, report. Also trains the toy models of the default run.
 
+def rng_states(generator: torch.Generator) -> dict:
+    """Every random state a training step draws from: the rollout's sampling, dropout, Python's random."""
+    return {"rollout": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+def save_checkpoint(out: Path, step: int, student, tokenizer, optimizer, schedule, generator, rank: int, world: int):
+    """out/checkpoint-<step>: the student as a save_pretrained folder that loads on its own, and state.pt (optimizer,
+    schedule, step, every rank's random states). state.pt is written last and by rename, so a folder without it is an
+    interrupted save; the previous checkpoint is deleted only once the new one is whole. Rank 0 writes."""
+    states = [rng_states(generator)]
+    if world > 1:
+        states = [None] * world
+        dist.all_gather_object(states, rng_states(generator))
+    if rank == 0:
+        folder = out / f"checkpoint-{step}"
+        student.save_pretrained(folder / "student")
+        tokenizer.save_pretrained(folder / "student")
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "rng": states}, folder / "state.pt.partial")
+        os.replace(folder / "state.pt.partial", folder / "state.pt")
+        for old in out.glob("checkpoint-*"):
+            if old != folder:
+                shutil.rmtree(old)
+
 def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], rank: int = 0, world: int = 1,
-          test_batches: list[dict] | None = None, score: str = "exact", log_path: Path | None = None) -> list[dict]:
-    """AdamW, linear warm-up then decay; each step: build the sequences, score them, clip, step."""
+          test_batches: list[dict] | None = None, score: str = "exact", out: Path | None = None,
+          state: dict | None = None, desc: str = "distill") -> list[dict]:
+    """AdamW, linear warm-up then decay; each step: build the sequences, score them, clip, step. With `out`: metrics
+    to out/metrics.jsonl and a checkpoint every --save-every steps. `state` (load_checkpoint) continues a stopped run."""
     device = next(student.parameters()).device
     model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
     student.train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * args.max_steps), args.max_steps)
     generator = torch.Generator(device).manual_seed(args.seed + rank)
+    if state is not None:  # the student's weights came with it; the rest of where the run stopped is here
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        rng = state["rng"][rank]
+        generator.set_state(rng["rollout"]), torch.set_rng_state(rng["torch"]), random.setstate(rng["python"])
+        torch.cuda.set_rng_state_all(rng["cuda"]) if rng["cuda"] else None
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    scorer = None if args.method == "sft" else teacher  # sequence_loss without a teacher: the log-likelihood (SFT)
 
     def rank_mean(x: torch.Tensor) -> torch.Tensor:  # the mean of x over the processes
         if world > 1:
             dist.all_reduce(x)
         return x / world
-    history, bar = [], tqdm(range(1, args.max_steps + 1), desc=args.method, leave=False,
-                          disable=rank != 0 or not sys.stderr.isatty())
+    first = 1 if state is None else state["step"] + 1
+    history, bar = [], tqdm(range(first, args.max_steps + 1), desc=desc, initial=first - 1, total=args.max_steps,
+                            leave=False, disable=rank != 0 or not sys.stderr.isatty())
     for step in bar:
-        start = time.perf_counter()
-        with autocast:
-            seqs = [make_sequences(next(batches), model, teacher, args, stop, tokenizer.pad_token_id, generator)
-                    for _ in range(args.grad_accum)]
-        # DDP averages gradients over ranks, so the summed loss is divided by the mean token count of all ranks.
-        num_tokens, loss = rank_mean(sum(seq.completion_mask.sum() for seq in seqs).clamp(min=1)), 0.0
-        for seq in seqs:
-            with autocast:
-                micro_loss = sequence_loss(model, teacher if args.method != "sft" else None, seq, args.loss,
-                                           args.beta, args.temperature, num_tokens)
-            micro_loss.backward()
-            loss += micro_loss.detach()
-        loss = rank_mean(loss)  # each rank's sum over the mean token count: their mean is the global token mean
-        torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+        start, tokens, loss = time.perf_counter(), 0, 0.0
+        seqs = []
+        for micro in range(args.grad_accum):  # made, scored and backpropagated one at a time: flat memory
+            # Under DDP the gradients are all-reduced once, in the window's last backward.
+            with model.no_sync() if world > 1 and micro < args.grad_accum - 1 else contextlib.nullcontext():
+                with autocast:
+                    seq = make_sequences(next(batches), model, teacher, args, stop, tokenizer.pad_token_id, generator)
+                    total = sequence_loss(model, scorer, seq, args.loss, args.beta, args.temperature, num_tokens=1.0)
+                total.backward()
+            tokens, loss = tokens + seq.completion_mask.sum(), loss + total.detach()
+            seq.teacher_logits = None  # [B, N, V]: freed before the next rollout, not held for the whole window
+            seqs.append(seq)
+        # DDP averaged the summed gradients over ranks; dividing by the mean token count of all ranks makes the step
+        # the gradient of the mean loss over every token of the window, whichever micro-batch or rank it came from.
+        num_tokens = rank_mean(tokens.clamp(min=1).float())
+        for parameter in student.parameters():
+            parameter.grad = None if parameter.grad is None else parameter.grad / num_tokens
+        loss = rank_mean(loss) / num_tokens
+        norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+        require(loss.isfinite() and norm.isfinite(), f"step {step}: the loss is {loss.item():g} (gradient norm "
+                f"{norm.item():g}), stopped before the update; try a lower --lr or --dtype float32, then --resume")
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -671,10 +722,13 @@ def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], ran
         if rank == 0 and test_batches and args.eval_every and step % args.eval_every == 0:
             record["eval_score"] = evaluate(student, tokenizer, test_batches, args, score, stop)
         history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", switch=record["switch_rate"], d=record["divergence"])
-        if rank == 0 and log_path and (step % args.log_every == 0 or "eval_score" in record):
-            with open(log_path, "a") as f:
+        shown = ("switch_rate", "teacher_frac") if args.method in ("adaswitch", "skd") else ()  # the rest is fixed
+        bar.set_postfix(loss=f"{record['loss']:.3f}", **{key: f"{record[key]:.2f}" for key in shown})
+        if out is not None and rank == 0 and (step % args.log_every == 0 or "eval_score" in record):
+            with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if out is not None and (step % args.save_every == 0 or step == args.max_steps):
+            save_checkpoint(out, step, student, tokenizer, optimizer, schedule, generator, rank, world)
     return history
 
 def prepare_toy(args: Args, rank: int, world: int, device) -> Args:
@@ -689,15 +743,19 @@ def prepare_toy(args: Args, rank: int, world: int, device) -> Args:
     sft = replace(Args(), method="sft", dataset=args.dataset, lr=args.toy_lr, warmup_ratio=0.05, max_new_tokens=longest)
     for name, shape, steps in (("teacher", dict(n_embd=128, n_layer=4, n_head=4), args.toy_teacher_steps),
                                ("student", dict(n_embd=64, n_layer=2, n_head=2), args.toy_student_steps)):
-        path = Path(args.toy_dir) / f"{args.dataset}-{args.toy_digits}digits-lr{args.toy_lr:g}-{name}-{steps}steps"
+        # "held-out": trained on the CRC-32 split of toy_rows (older caches also hold some test prompts)
+        path = Path(args.toy_dir) / f"{args.dataset}-{args.toy_digits}digits-lr{args.toy_lr:g}-{name}-{steps}steps-held-out"
         if not (path / "config.json").exists():
+            if rank == 0:
+                print(f"toy {name}: {steps} SFT steps, once; cached in {path}")
             torch.manual_seed(0)  # the same toy models whatever --seed, so runs with different seeds share a start
             config = GPT2Config(vocab_size=len(tokenizer), n_positions=positions, bos_token_id=tokenizer.eos_token_id,
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)
             model = GPT2LMHeadModel(config).to(device)
             batches = batch_stream(encode(rows, tokenizer, sft)[rank::world], sft.batch_size, tokenizer.pad_token_id,
                                    device, seed=0)
-            train(model, None, batches, replace(sft, max_steps=steps), tokenizer, stop_ids(tokenizer), rank, world)
+            train(model, None, batches, replace(sft, max_steps=steps), tokenizer, stop_ids(tokenizer), rank, world,
+                  desc=f"toy {name} (SFT)")
             if rank == 0:
                 model.save_pretrained(path)
                 tokenizer.save_pretrained(path)
@@ -715,9 +773,10 @@ def from_pretrained(auto, name: str, **kwargs):
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UsageError(f"cannot load {auto.__name__} from {name}: {str(error).strip().splitlines()[0]}") from None
 
-def load_models(args: Args, device):
-    """The tokenizer teacher and student share, the frozen teacher, the student; and args with --max-prompt-len
-    capped so that prompt + completion fit the models' positions (past them: an IndexError deep inside torch)."""
+def load_models(args: Args, device, student_path: str | None = None):
+    """The tokenizer teacher and student share, the frozen teacher, the student (from student_path when resuming); and
+    args with --max-prompt-len capped so that prompt + completion fit the models' positions (past them: an IndexError
+    deep inside torch)."""
     tokenizers = [from_pretrained(AutoTokenizer, name) for name in (args.teacher, args.student)]
     for name, tokenizer in zip((args.teacher, args.student), tokenizers):
         require(len(tokenizer.get_vocab()) > len(tokenizer.all_special_tokens),  # not so in a folder without one
@@ -729,7 +788,9 @@ def load_models(args: Args, device):
     tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.pad_token or tokenizer.eos_token
     teacher = from_pretrained(AutoModelForCausalLM, args.teacher, dtype=getattr(torch, args.dtype))
     # The student keeps float32 weights whatever --dtype: bf16 weights would round away most AdamW updates.
-    student = from_pretrained(AutoModelForCausalLM, args.student, dtype=torch.float32).to(device)
+    student = from_pretrained(AutoModelForCausalLM, str(student_path or args.student), dtype=torch.float32).to(device)
+    for name, model in ((args.teacher, teacher), (student_path or args.student, student)):
+        require(all(p.isfinite().all() for p in model.parameters()), f"{name} has NaN or inf weights: a damaged checkpoint")
     logits = min(m.get_output_embeddings().weight.shape[0] for m in (teacher, student))
     require(len(tokenizer) <= logits, f"the tokenizer has {len(tokenizer)} tokens, a model only {logits} logits")
     require(args.method != "skd" or args.skd_top_k < len(tokenizer),
@@ -742,6 +803,37 @@ def load_models(args: Args, device):
         args = replace(args, max_prompt_len=limit - args.max_new_tokens)
     return args, tokenizer, teacher.to(device).eval().requires_grad_(False), student
 
+RESUMABLE = ("output_dir", "resume", "overwrite", "save_every", "log_every", "eval_every", "cpu")  # may change
+
+def open_run(args: Args, out: Path, world: int) -> dict | None:
+    """None for a new run (refused where --output-dir holds a run, unless --overwrite); with --resume, the checkpoint
+    to continue from, once the run's flags are found the same."""
+    if args.resume:
+        require((out / "args.json").is_file(), f"--resume: {out} holds no run (args.json) to continue")
+        saved = json.loads((out / "args.json").read_text())
+        for name, value in asdict(args).items():
+            require(name in RESUMABLE or saved.get(name) == value, f"--resume: --{name.replace('_', '-')} is {value} "
+                    f"here but {saved.get(name)} in the run in {out}; resume with the run's flags")
+        whole = [p for p in out.glob("checkpoint-*") if (p / "state.pt").is_file()]  # see save_checkpoint
+        require(whole, f"--resume: {out} holds no whole checkpoint (checkpoint-<step>/state.pt); start it again "
+                       "with --overwrite")
+        folder = max(whole, key=lambda p: p.stat().st_mtime)
+        try:
+            state = torch.load(folder / "state.pt")
+        except Exception as error:  # any failure to read it: truncated, not a checkpoint, an incompatible format
+            raise UsageError(f"--resume: {folder / 'state.pt'} is damaged ({type(error).__name__}); start the run "
+                             f"again with --overwrite") from None
+        require(len(state["rng"]) == world, f"--resume: the run had {len(state['rng'])} processes, this one {world}")
+        return {**state, "student": folder / "student"}
+    require(not run_files(out) or args.overwrite, f"{out} already holds a run: continue it with --resume, choose "
+                                                  "another --output-dir, or replace it with --overwrite")
+    return None
+
+def run_files(out: Path) -> list[Path]:
+    """What a run writes into its folder: --overwrite deletes these, and nothing else."""
+    return [p for p in (out / "args.json", out / "metrics.jsonl", out / "summary.json", out / "student",
+                        *out.glob("checkpoint-*")) if p.exists()]
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     hf_logging.disable_progress_bar()  # loading bars for every model file would bury the report
@@ -752,44 +844,61 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.set_device(device)  # before the process group, or every rank's NCCL context lands on GPU 0
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))  # rank 0 evaluates alone
+        name = [args.output_dir]  # a default name holds the time, which the ranks may read a second apart
+        dist.broadcast_object_list(name, src=0)
+        args = replace(args, output_dir=name[0])
     started, (train_rows, test_rows) = time.perf_counter(), load_rows(args)  # bad data: stop before loading models
+    out, given = Path(args.output_dir), args
+    state = open_run(args, out, world)
     if args.teacher is None:
         args = prepare_toy(args, rank, world, device)
-    args, tokenizer, teacher, student = load_models(args, device)
+    args, tokenizer, teacher, student = load_models(args, device, state and state["student"])
     stop = stop_ids(tokenizer, teacher, student)
+    if dist.is_initialized():
+        dist.barrier()  # every rank has looked into --output-dir (open_run) before rank 0 writes there
     set_seed(args.seed)  # after the toy models, so a run repeats whether or not it had to train them
     pad = tokenizer.pad_token_id
     train_batches = batch_stream(encode(train_rows, tokenizer, args)[rank::world], args.batch_size, pad, device,
                                  seed=args.seed + rank)
     test_batches = list(batch_stream(encode(test_rows, tokenizer, args), args.batch_size, pad, device))
     auto = {"toy": "number", "toy_summary": "rouge", "gsm8k": "number", "dialogsum": "rouge"}.get(args.dataset)
-    out, score = Path(args.output_dir), args.score if args.score != "auto" else auto or "exact"
-    log_path = out / "metrics.jsonl"
-    if rank == 0:
+    score, log = args.score if args.score != "auto" else auto or "exact", out / "metrics.jsonl"
+    if state is not None:  # continue metrics.jsonl from the checkpoint, and its batches after the ones it used
+        train_batches = itertools.islice(train_batches, state["step"] * args.grad_accum, None)
+        if rank == 0:
+            records = [r for r in map(json.loads, log.read_text().splitlines()) if r["step"] <= state["step"]]
+            log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif rank == 0:  # a new run: the folder is written only now that data and models have loaded
+        for path in run_files(out):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
         out.mkdir(parents=True, exist_ok=True)
-        log_path.unlink(missing_ok=True)
-        teacher_score = evaluate(teacher, tokenizer, test_batches, args, score, stop)
-        before = evaluate(student, tokenizer, test_batches, args, score, stop)
-
+        (out / "args.json").write_text(json.dumps(asdict(given), indent=1))
+        print(f"evaluating the teacher and the student on {len(test_rows)} test examples ({score} score)")
+        start = {"step": 0, "teacher_score": evaluate(teacher, tokenizer, test_batches, args, score, stop, "eval teacher"),
+                 "eval_score": evaluate(student, tokenizer, test_batches, args, score, stop, "eval student")}
+        log.write_text(json.dumps(start) + "\n")
+    if rank == 0:
+        print(f"distilling: {args.method}, {args.max_steps} steps; metrics, checkpoints and the student go to {out}")
     train_started = time.perf_counter()
-    history = train(student, teacher, train_batches, args, tokenizer, stop, rank, world, test_batches, score, log_path)
+    train(student, teacher, train_batches, args, tokenizer, stop, rank, world, test_batches, score, out, state)
     train_time = time.perf_counter() - train_started
     summary = {}
     if rank == 0:
-        after = evaluate(student, tokenizer, test_batches, args, score, stop)
+        after = evaluate(student, tokenizer, test_batches, args, score, stop, "eval student")
         student.save_pretrained(out / "student")
         tokenizer.save_pretrained(out / "student")
-        mean = lambda key: sum(v) / len(v) if (v := [r[key] for r in history if r[key] is not None]) else None  # noqa
-        summary = {"method": args.method, "dataset": args.dataset, "score": score, "teacher": teacher_score,
-                   "student_before": before, "student_after": after,
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        mean = lambda key: sum(v) / len(v) if (v := [r[key] for r in records if r.get(key) is not None]) else None  # noqa
+        summary = {"method": args.method, "dataset": args.dataset, "score": score, "teacher": records[0]["teacher_score"],
+                   "student_before": records[0]["eval_score"], "student_after": after,
                    **{key: mean(key) for key in ("switch_rate", "switch_pos", "teacher_frac", "divergence",
                                                  "completion_len")},
-                   "train_seconds": train_time, "seconds_per_step": train_time / args.max_steps,
-                   "total_seconds": time.perf_counter() - started, "args": asdict(args)}
+                   "train_seconds": train_time, "seconds_per_step": train_time / (args.max_steps - (state or {"step": 0})["step"]),
+                   "total_seconds": time.perf_counter() - started, "args": asdict(given)}
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         print(f"{args.method} on {args.dataset}, {args.max_steps} steps ({score} score on {len(test_rows)} test "
-              f"examples)\n  teacher        {teacher_score:.3f}\n  student        {before:.3f} -> {after:.3f}\n"
-              f"  switch rate    {summary['switch_rate']:.2f}   teacher tokens {summary['teacher_frac']:.2f}\n"
+              f"examples)\n  teacher        {summary['teacher']:.3f}\n  student        {summary['student_before']:.3f} "
+              f"-> {after:.3f}\n  switch rate    {summary['switch_rate']:.2f}   teacher tokens {summary['teacher_frac']:.2f}\n"
               f"  time           {train_time:.0f} s training, {summary['total_seconds']:.0f} s in all; "
               f"student saved to {out / 'student'}")
     if dist.is_initialized():

@@ -6,13 +6,16 @@ CPU only, tiny random GPT-2 models saved to tmp_path.
     python -m pytest -q test_adaswitch.py
 """
 import copy
+import dataclasses
 import json
 import math
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -754,8 +757,10 @@ def cli_args(saved: Path, out: Path, *extra: str) -> list[str]:
             "--log-every", "1", "--window", "2", "--skd-top-k", "3", "--output-dir", str(out), *extra]
 
 
-def logged(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def logged(out: Path, start: bool = False) -> list[dict]:
+    """The training records of metrics.jsonl; with start, the step-0 record of the evaluations before training too."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return records if start else [r for r in records if r["step"] > 0]
 
 
 @pytest.mark.parametrize("method", ["sft", "supervised_kd", "off_policy", "on_policy", "skd", "adaswitch"])
@@ -767,6 +772,8 @@ def test_every_method_trains_logs_and_saves(saved, tmp_path, method):
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
     assert {"switch_rate", "switch_pos", "teacher_frac", "divergence", "tokens_per_s", "lr"} <= set(records[0])
     assert summary["method"] == method and 0 <= summary["student_after"] <= 1
+    assert logged(tmp_path, start=True)[0] == {"step": 0, "teacher_score": summary["teacher"],
+                                               "eval_score": summary["student_before"]}
     expected_teacher_frac = {"sft": 0.0, "supervised_kd": 0.0, "on_policy": 0.0, "off_policy": 1.0}
     if method in expected_teacher_frac:
         assert records[0]["teacher_frac"] == expected_teacher_frac[method]
@@ -1106,6 +1113,31 @@ BAD_INPUTS = [
 ]
 
 
+def earlier_run(saved: Path, tmp: Path, *extra: str, state: bytes | None = None) -> list[str]:
+    """tmp/out as a run with cli_args' flags leaves it (args.json), with a checkpoint-2/state.pt holding `state` if
+    given; returns extra, the flags of the new command."""
+    out = tmp / "out"
+    out.mkdir()
+    (out / "args.json").write_text(json.dumps(dataclasses.asdict(A.parse_args(cli_args(saved, out)))))
+    if state is not None:
+        (out / "checkpoint-2").mkdir()
+        (out / "checkpoint-2" / "state.pt").write_bytes(state)
+    return list(extra)
+
+
+BAD_INPUTS += [
+    ("run-already-there", lambda s, t: earlier_run(s, t), {}, [r"already holds a run", "--resume", "--overwrite"]),
+    ("resume-without-run", lambda s, t: ["--resume"], {}, [r"holds no run"]),
+    ("resume-without-output-dir", lambda s, t: ["--resume", "--output-dir", ""], {}, [flag_name("--output-dir")]),
+    ("resume-other-batch-size", lambda s, t: earlier_run(s, t, "--resume", "--batch-size", "2"), {},
+     [flag_name("--batch-size"), r"\b2\b", r"\b4\b"]),
+    ("resume-other-method", lambda s, t: earlier_run(s, t, "--resume", "--method", "sft"), {}, [flag_name("--method")]),
+    ("resume-without-checkpoint", lambda s, t: earlier_run(s, t, "--resume"), {}, [r"no whole checkpoint"]),
+    ("resume-damaged-checkpoint", lambda s, t: earlier_run(s, t, "--resume", state=b"not a checkpoint"), {},
+     [r"state\.pt", r"damaged"]),
+]
+
+
 @pytest.mark.parametrize("case, extra, env, patterns", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
 def test_bad_input_is_one_line_through_the_cli(saved, tmp_path, case, extra, env, patterns):
     """Exit code != 0, exactly one stderr line starting 'error:' that names the problem, no traceback, no student."""
@@ -1313,3 +1345,177 @@ def test_long_prompt_cut_keeps_the_template_with_byte_level_bpe():
         assert text.startswith("<bos><user>") and text.endswith("東京<eos><assistant>") and "\ufffd" not in text
     with pytest.raises(A.UsageError, match="cannot hold the prompt's template"):
         A.encode(rows, tokenizer, A.parse_args(["--max-prompt-len", "8"]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Long runs: checkpoints and exact resume, a killed run, non-finite losses, memory over --grad-accum, folders.
+
+METHODS = ["sft", "supervised_kd", "off_policy", "on_policy", "skd", "adaswitch"]
+
+
+def weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(folder / "model.safetensors")
+
+
+def same_run(a: Path, b: Path):
+    """Two runs logged the same records (timing aside) and saved bit-identical students."""
+    strip = lambda records: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]  # noqa: E731
+    assert strip(logged(a, start=True)) == strip(logged(b, start=True))
+    wa, wb = weights(a / "student"), weights(b / "student")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_equals_the_uninterrupted_run(saved, tmp_path, method, monkeypatch):
+    """Stopped during step 4 (after the step-2 checkpoint and the step-3 record), then resumed: the same records (the
+    step-3 record is not doubled), the same summary and bit-identical weights as a run never stopped."""
+    flags = ["--method", method, "--max-steps", "5", "--save-every", "2", "--eval-every", "2"]
+    whole = A.main(cli_args(saved, tmp_path / "whole", *flags))
+    stats, calls = A.sequence_stats, []
+
+    def interrupted(seqs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # as Ctrl-C in the middle of step 4
+        return stats(seqs)
+    monkeypatch.setattr(A, "sequence_stats", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        A.main(cli_args(saved, tmp_path / "cut", *flags))
+    monkeypatch.undo()
+    assert [r["step"] for r in logged(tmp_path / "cut")] == [1, 2, 3]
+    assert [p.name for p in (tmp_path / "cut").glob("checkpoint-*")] == ["checkpoint-2"]
+    resumed = A.main(cli_args(saved, tmp_path / "cut", *flags, "--resume"))
+    same_run(tmp_path / "whole", tmp_path / "cut")
+    timing = ("train_seconds", "seconds_per_step", "total_seconds", "args")
+    assert {k: v for k, v in whole.items() if k not in timing} == {k: v for k, v in resumed.items() if k not in timing}
+    assert [p.name for p in (tmp_path / "cut").glob("checkpoint-*")] == ["checkpoint-5"]
+
+
+def test_a_killed_run_resumes_to_the_same_student(saved, tmp_path):
+    """SIGKILL in the middle of training loses at most --save-every steps, and --resume ends with the student of a
+    run that was never killed. An interrupted save (a checkpoint folder without state.pt) is passed over."""
+    flags = ["--method", "adaswitch", "--max-steps", "40", "--save-every", "3", "--eval-every", "0"]
+    command = lambda out, *extra: [sys.executable, str(SCRIPT), *cli_args(saved, out, *flags), *extra]  # noqa: E731
+    whole = subprocess.run(command(tmp_path / "whole"), capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    cut = tmp_path / "cut"
+    process = subprocess.Popen(command(cut), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (cut / "metrics.jsonl").exists() or len(logged(cut)) < 10:
+            assert process.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    last = max(r["step"] for r in logged(cut))
+    (saved_step,) = [int(p.name.split("-")[1]) for p in cut.glob("checkpoint-*") if (p / "state.pt").exists()]
+    assert last - 3 <= saved_step <= last < 40
+    (cut / f"checkpoint-{saved_step + 1}" / "student").mkdir(parents=True)  # a save killed before its state.pt
+    resumed = subprocess.run(command(cut, "--resume"), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    same_run(tmp_path / "whole", cut)
+
+
+def test_a_non_finite_loss_stops_before_the_update(saved, tmp_path, monkeypatch):
+    """A NaN loss at step 3 stops the run with one line naming the step; the step-2 checkpoint stays, no step-3 one."""
+    loss, calls = A.sequence_loss, []
+
+    def nan_at_step_3(*args, **kwargs):
+        calls.append(1)
+        return loss(*args, **kwargs) * (math.nan if len(calls) == 3 else 1.0)
+    monkeypatch.setattr(A, "sequence_loss", nan_at_step_3)
+    with pytest.raises(A.UsageError, match=r"^step 3: the loss is nan"):
+        A.main(cli_args(saved, tmp_path, "--method", "on_policy", "--max-steps", "4", "--save-every", "1"))
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert (tmp_path / "checkpoint-2" / "state.pt").exists()
+
+
+def test_nan_weights_are_refused_at_load(saved, tmp_path):
+    """A checkpoint with NaN weights is one line before anything runs, not a crash inside sampling."""
+    model = AutoModelForCausalLM.from_pretrained(saved / "student")
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = math.nan
+    model.save_pretrained(tmp_path / "broken")
+    A.char_tokenizer().save_pretrained(tmp_path / "broken")
+    with pytest.raises(A.UsageError, match=r"broken has NaN or inf weights"):
+        A.main([*cli_args(saved, tmp_path / "out"), "--student", str(tmp_path / "broken")])
+
+
+def test_overwrite_replaces_the_run_and_a_default_folder_is_new(saved, tmp_path, monkeypatch):
+    """--overwrite deletes the earlier run's files (not other files); without --output-dir each run gets its own."""
+    A.main(cli_args(saved, tmp_path, "--max-steps", "3", "--save-every", "3"))
+    (tmp_path / "notes.txt").write_text("mine")
+    A.main(cli_args(saved, tmp_path, "--max-steps", "2", "--overwrite"))
+    assert [r["step"] for r in logged(tmp_path)] == [1, 2] and (tmp_path / "notes.txt").exists()
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-2"]
+    monkeypatch.chdir(tmp_path)
+    first, second = (A.parse_args(["--seed", "7"]).output_dir for _ in range(2))
+    assert first.startswith("runs/adaswitch-toy-7-")
+    monkeypatch.setattr(A.time, "strftime", lambda fmt: "20261202-150000")
+    assert A.parse_args(["--method", "sft"]).output_dir == "runs/sft-toy-0-20261202-150000"
+
+
+def test_teacher_logits_are_freed_before_the_next_micro_batch(teacher, monkeypatch):
+    """With --grad-accum 3, when a micro-batch's rollout starts, no earlier micro-batch's [B, N, V] teacher logits are
+    alive: memory does not grow with --grad-accum."""
+    import weakref
+    student = tiny_gpt2(V, seed=0)
+    alive_at_start, kept = [], []
+    make = A.make_sequences
+
+    def watched(*args, **kwargs):
+        alive_at_start.append(sum(ref() is not None for ref in kept))
+        seq = make(*args, **kwargs)
+        kept.append(weakref.ref(seq.teacher_logits))
+        return seq
+    monkeypatch.setattr(A, "make_sequences", watched)
+    gen = torch.Generator().manual_seed(0)
+    examples = [{"prompt": torch.randint(3, V, (4,), generator=gen).tolist(), "response": [3], "reference": ""}
+                for _ in range(6)]
+    args = A.parse_args(["--method", "adaswitch", "--max-steps", "2", "--batch-size", "2", "--grad-accum", "3",
+                         "--max-new-tokens", "4"])
+    A.train(student, teacher, A.batch_stream(examples, 2, PAD, "cpu", seed=0), args, A.char_tokenizer(), [EOS])
+    assert len(alive_at_start) == 6 and alive_at_start == [0] * 6
+
+
+def test_gradients_are_cleared_between_steps(teacher, monkeypatch):
+    """Step 2's gradient (lr 0: the weights stay) equals the gradient of a run that starts at step 2's batch: nothing
+    of step 1's gradient is left in it."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=EOS, pad_token_id=PAD)
+    start = GPT2LMHeadModel(config)
+    gen = torch.Generator().manual_seed(0)
+    examples = [{"prompt": torch.randint(3, V, (3,), generator=gen).tolist(),
+                 "response": torch.randint(3, V, (4,), generator=gen).tolist(), "reference": ""} for _ in range(4)]
+    grads, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def record(parameters, *args, **kwargs):
+        parameters = list(parameters)
+        grads.append(torch.cat([p.grad.flatten() for p in parameters]))
+        return clip(parameters, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record)
+    args = dataclasses.replace(A.parse_args(["--method", "sft", "--batch-size", "2"]), lr=0.0)
+    A.train(copy.deepcopy(start), None, A.batch_stream(examples, 2, PAD, "cpu"), dataclasses.replace(args, max_steps=2),
+            A.char_tokenizer(), [EOS])
+    A.train(copy.deepcopy(start), None, A.batch_stream(examples[2:], 2, PAD, "cpu"),
+            dataclasses.replace(args, max_steps=1), A.char_tokenizer(), [EOS])
+    assert len(grads) == 3 and not torch.allclose(grads[0], grads[2])
+    assert torch.allclose(grads[1], grads[2], atol=1e-7)
+
+
+def test_a_local_file_holds_out_the_same_rows_whatever_the_seed(saved):
+    """The held-out rows of one local file depend on the file alone, not on --seed."""
+    splits = [A.load_rows(A.parse_args(cli_args(saved, saved / "unused", "--seed", seed))) for seed in ("0", "1", "2")]
+    assert splits[0][1] == splits[1][1] == splits[2][1] and len(splits[0][1]) == 4
+
+
+@pytest.mark.parametrize("task", ["toy", "toy_summary"])
+def test_no_test_prompt_is_in_the_toy_training_data(task):
+    """Whatever --eval-samples (here 3000, beyond the old 500-prompt exclusion), test prompts are never trained on, and
+    the training rows (hence the cached toy models) do not depend on it."""
+    train, test = A.toy_rows(task, 3, 3000)
+    assert len(test) == 3000 and not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert A.toy_rows(task, 3, 10) == (train, test[:10])
