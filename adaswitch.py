@@ -1,18 +1,15 @@
 """AdaSwitch: token-level adaptive switching between on- and off-policy knowledge distillation.
 
-The student writes each sequence until its next-token distribution drifts too far from the teacher's
-(d_i > k * mean of the last `window` divergences); from that step on the teacher writes the rest. The
-student is then trained to match the teacher on every token of the mixed sequence.
-Paper: Peng et al., "AdaSwitch: Balancing Exploration and Guidance in Knowledge Distillation via Adaptive Switching",
-arXiv 2510.07842 (first titled "AdaSwitch: Adaptive Switching Generation for Knowledge Distillation").
+The student writes each sequence until its next-token distribution drifts too far from the teacher's (d_i > k *
+mean of the last `window` divergences); from that step on the teacher writes the rest. The student is then trained
+to match the teacher on every token of the mixed sequence. Paper: Peng et al., "AdaSwitch: Balancing Exploration
+and Guidance in Knowledge Distillation via Adaptive Switching", arXiv 2510.07842.
 
     python adaswitch.py                                        # offline default: toy task, tiny models
     python adaswitch.py --teacher Qwen/Qwen2.5-7B-Instruct --student Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k
     python -m pytest -q test_adaswitch.py                      # the tests
 
-The file has two parts. The method (divergences, switch tracker, rollout, losses) lies between the two lines of
-'=' below and uses nothing defined after them: copy that block whole into your own trainer. The program after
-it (flags, training loop, evaluation, data, main) calls the block as any caller would.
+The method (divergences, switch tracker, rollout, losses) between the '=' lines below uses nothing after them: copy it.
 """
 # ============================================ AdaSwitch: the method ============================================
 # Shapes: B batch, P prompt length, N new tokens, V vocabulary. Needs torch and transformers >= 5.24.
@@ -58,10 +55,9 @@ def divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, metri
 # --- Switch tracker: the paper's rule, one state per row. Row b switches at step i when
 #     d_i > tau_i = k * mean(d_{i-window}, ..., d_{i-1})      (the current d_i is not in the mean)
 class SwitchTracker:
-    """Sliding-window switch rule for a batch of B rows; call `update` once per decoding step.
-    `min_history` (default `window`): divergences a row must have recorded before it may switch. The paper is silent
-    on this warm-up; we wait for a full window, so an early spike cannot end exploration before there is an average
-    to compare with. With fewer than `window` recorded, tau uses their mean."""
+    """Sliding-window switch rule for B rows; call `update` once per decoding step. The paper is silent on the warm-up:
+    a row may switch once it has `min_history` divergences (default: a full window, so that an early spike cannot end
+    exploration before there is an average to compare with); tau is the mean of those it has."""
 
     def __init__(self, batch_size: int, window: int, k: float, device=None, min_history: int | None = None):
         if window < 1:
@@ -231,20 +227,16 @@ def completion_logits(logits: torch.Tensor, num_new: int) -> torch.Tensor:
     """Logits that predict the last num_new tokens: [B, P+N, V] or the last N+1 positions only -> [B, N, V]."""
     return logits[:, -num_new - 1:-1]
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:
-    """Sum of values [B, N] where mask is 1, over num_tokens (default: mask.sum()); gradient accumulation passes
-    the count of a whole window, so that every token weighs the same whichever micro-batch holds it."""
-    keep = mask.bool()
-    total = torch.where(keep, values, 0.0).sum()  # where, not values * mask: inf * 0 at a masked position is NaN
-    return total / (keep.sum().clamp(min=1) if num_tokens is None else num_tokens)
-
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                  metric: str = "fkl", beta: float = 0.5, temperature: float = 1.0,
                  num_tokens: float | None = None) -> torch.Tensor:
-    """Masked mean divergence between [B, N, V] logits (see masked_mean); gradients reach the student only."""
+    """Divergence between [B, N, V] logits summed where mask [B, N] is 1, over num_tokens (default: mask.sum());
+    gradient accumulation passes a whole window's count, so every token weighs the same. Only the student learns."""
     vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
     d = divergence(teacher_logits[..., :vocab].detach(), student_logits[..., :vocab], metric, beta, temperature)
-    return masked_mean(d, mask, num_tokens)
+    keep = mask.bool()
+    total = torch.where(keep, d, 0.0).sum()  # where, not d * mask: inf * 0 at a masked position is NaN
+    return total / (keep.sum().clamp(min=1) if num_tokens is None else num_tokens)
 
 def sequence_loss(student, teacher, seq: Rollout, metric: str = "fkl", beta: float = 0.5, temperature: float = 1.0,
                   num_tokens: float | None = None) -> torch.Tensor:
@@ -254,18 +246,17 @@ def sequence_loss(student, teacher, seq: Rollout, metric: str = "fkl", beta: flo
     inputs = dict(input_ids=seq.sequences, attention_mask=seq.attention_mask,
                   position_ids=position_ids(seq.attention_mask), logits_to_keep=n + 1)
     logits = completion_logits(student(**inputs).logits, n)                                 # [B, N, V_s]
-    if teacher is None:
-        nll = F.cross_entropy(logits.float().transpose(1, 2), seq.sequences[:, -n:], reduction="none")  # [B, N]
-        return masked_mean(nll, seq.completion_mask, num_tokens)
     teacher_logits = seq.teacher_logits                                                     # [B, N, V_t] or None
-    if teacher_logits is None:  # ground truth and the student's own samples: the teacher has not seen them yet
+    if teacher is None:  # SFT: the forward KL to the data's one-hot distribution is the negative log-likelihood
+        teacher_logits = F.one_hot(seq.sequences[:, -n:], logits.shape[-1]).float().log()      # [B, N, V_s] 0, -inf
+        metric, temperature = "fkl", 1.0
+    elif teacher_logits is None:  # ground truth and the student's own samples: the teacher has not seen them yet
         with torch.no_grad():
             teacher_logits = completion_logits(teacher(**inputs).logits, n)                 # [B, N, V_t]
     return distill_loss(logits, teacher_logits, seq.completion_mask, metric, beta, temperature, num_tokens)
 # ========================================== end of the method ==========================================
 
-# The program: flags, training loop, evaluation, data, main. It uses the method above as any caller would.
-import contextlib
+# The program: flags, training loop, evaluation, data, main. It calls the method above as any caller would.
 import csv
 import io
 import itertools
@@ -279,36 +270,28 @@ import time
 import zlib
 from argparse import ArgumentError, RawDescriptionHelpFormatter
 from dataclasses import asdict, field, replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-import torch.distributed as dist
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, HfArgumentParser,
-                          PreTrainedTokenizerFast, get_linear_schedule_with_warmup, set_seed)
+                          PreTrainedTokenizerFast, get_linear_schedule_with_warmup)
 from transformers import logging as hf_logging
 
-# ----------------------------------------------------------------------------------------------------
-# Arguments: one dataclass; `--help` lists every field with its default.
-
-Metric = Literal[METRICS]  # the token divergences of the method block
-
+# --- Arguments: one dataclass; `--help` lists every field with its default.
 def arg(default, text: str):
     return field(default=default, metadata={"help": f"{text} (default: {default})"})
 
 @dataclass
 class Args:
-    # run
     seed: int = arg(0, "seed for initialization, data order and sampling")
-    output_dir: str | None = arg(None, "the run's folder (metrics, checkpoints, student); None: runs/<method>-<data>-<seed>-<time>")
+    output_dir: str | None = arg(None, "the run's folder; None: runs/<method>-<dataset>-<seed>-<time>")
     save_every: int = arg(100, "steps between checkpoints in --output-dir (one is also written at the end)")
-    resume: bool = arg(False, "continue the run in --output-dir from its last checkpoint")
+    resume: bool = arg(False, "continue the run in --output-dir from its checkpoint")
     overwrite: bool = arg(False, "replace a run already in --output-dir")
-    cpu: bool = arg(False, "train on the CPU even when a GPU is visible")
     dtype: Literal["float32", "bfloat16"] = arg("float32", "teacher weights (student: float32; on GPU: bf16 autocast)")
     log_every: int = arg(10, "steps between lines of metrics.jsonl")
     eval_every: int = arg(0, "steps between evaluations during training (0: only before and after)")
@@ -326,7 +309,6 @@ class Args:
     toy_digits: int = arg(3, "toy task: digits per operand")
     toy_teacher_steps: int | None = arg(None, "toy tasks: SFT steps of the teacher; None: 1000, 3000 for toy_summary")
     toy_student_steps: int = arg(400, "toy tasks: SFT warm-up steps for the student (cached in --toy-dir)")
-    toy_lr: float = arg(3e-3, "toy tasks: learning rate of the teacher's and the student's SFT")
     toy_dir: str = arg("runs/toy", "toy tasks: where the trained toy teacher and student are cached")
     # training
     method: Literal["sft", "supervised_kd", "off_policy", "on_policy", "skd", "adaswitch"] = arg(
@@ -338,12 +320,12 @@ class Args:
     warmup_ratio: float = arg(0.1, "fraction of steps of linear warm-up, then linear decay to 0")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
-    loss: Metric = arg("fkl", "token-level training divergence to the teacher")
+    loss: Literal[METRICS] = arg("fkl", "token-level training divergence to the teacher")
     temperature: float = arg(1.0, "sampling temperature of rollouts; also divides logits in the divergences")
     # AdaSwitch
     window: int = arg(8, "L: how many past divergences the moving average covers")
     k: float = arg(1.5, "K: switch when d_i > K * moving average (inf: never)")
-    metric: Metric = arg("fkl", "divergence d_i used by the switch rule")
+    metric: Literal[METRICS] = arg("fkl", "divergence d_i used by the switch rule")
     min_history: int | None = arg(None, "divergences a row needs before it may switch; None: window")
     teacher_writes_switch_token: bool = arg(True, "the teacher writes the token at the switch step")
     # baselines
@@ -351,7 +333,7 @@ class Args:
     beta: float = arg(0.5, "generalized JSD mixing weight (--loss/--metric jsd), in (0, 1)")
 
 class UsageError(Exception):
-    """Bad input from the command line or the data: printed as one line, no traceback."""
+    """Bad input from the command line, the data or a run's folder: printed as one line, no traceback."""
 
 def require(ok: bool, message: str) -> None:
     if not ok:
@@ -367,12 +349,11 @@ def parse_args(argv: list[str] | None = None) -> Args:
         raise UsageError(f"{error} (see --help)") from None
     require((args.teacher is None) == (args.student is None), "give both --teacher and --student, or neither")
     require(args.output_dir or not args.resume, "--resume needs the --output-dir of the run to continue")
-    stamp = time.strftime("%Y%m%d-%H%M%S")  # CleanRL-style names, so that a second run never erases the first
+    stamp = time.strftime("%Y%m%d-%H%M%S")  # named as CleanRL names runs: a second run never erases the first
     args.output_dir = args.output_dir or f"runs/{args.method}-{Path(args.dataset).stem}-{args.seed}-{stamp}"
     for name in ("output_dir", "toy_dir"):  # the folders a run writes into
         require(not Path(getattr(args, name)).is_file(), f"--{name.replace('_', '-')} {getattr(args, name)} is a file")
-    require(args.teacher is not None or args.dataset in TOY_TASKS,
-            f"--dataset {args.dataset} needs --teacher and --student (toy models: {', '.join(TOY_TASKS)})")
+    require(args.teacher or args.dataset in TOY_TASKS, f"--dataset {args.dataset} needs --teacher and --student")
     if args.skd_top_k is None:  # a top-25 on a 25-token vocabulary would keep every student token: on-policy
         args.skd_top_k = 2 if args.teacher is None else 25
     if args.toy_teacher_steps is None:  # counting runs of letters takes longer to learn than adding digits
@@ -381,11 +362,11 @@ def parse_args(argv: list[str] | None = None) -> Args:
                                                     "eval_samples skd_top_k log_every save_every toy_digits"),
                             (">= 0", lambda v: 0 <= v < math.inf, "seed eval_every toy_teacher_steps toy_student_steps "
                                                                  "weight_decay"),
-                            ("> 0 and finite", lambda v: 0 < v < math.inf, "lr toy_lr max_grad_norm"),
+                            ("> 0 and finite", lambda v: 0 < v < math.inf, "lr max_grad_norm"),
                             ("in [0, 1]", lambda v: 0 <= v <= 1, "warmup_ratio")):
         for name in names.split():
             require(ok(getattr(args, name)), f"--{name.replace('_', '-')} must be {need}, got {getattr(args, name)}")
-    try:  # the library's own checks, so the CLI and the functions refuse the same values
+    try:  # the method's own checks, so that the CLI and the functions refuse the same values
         SwitchTracker(1, args.window, args.k, min_history=args.min_history)
         for metric in (args.loss, args.metric):
             divergence(torch.zeros(2), torch.zeros(2), metric, args.beta, args.temperature)
@@ -393,34 +374,26 @@ def parse_args(argv: list[str] | None = None) -> Args:
         raise UsageError(error) from None
     return args
 
-
-# ----------------------------------------------------------------------------------------------------
-# Training step: build the sequences (from the dataset or a rollout), then score them.
-
+# --- Training sequences: the dataset's for sft and supervised_kd, a rollout in the method's mode otherwise.
 ROLLOUT_MODE = {"off_policy": "teacher", "on_policy": "student", "skd": "skd", "adaswitch": "adaswitch"}
 
 def make_sequences(batch: dict, student, teacher, args: Args, stop: list[int], pad_token_id: int,
                    generator: torch.Generator | None = None) -> Rollout:
-    """Ground truth for sft and supervised_kd; a rollout in the method's mode otherwise."""
     prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]                     # [B, P]
     if args.method not in ROLLOUT_MODE:
         response_ids, response_mask = batch["response_ids"], batch["response_mask"]         # [B, N]
-        return Rollout(sequences=torch.cat([prompt_ids, response_ids], 1),
-                       attention_mask=torch.cat([prompt_mask, response_mask], 1),
-                       completion_mask=response_mask, from_teacher=torch.zeros_like(response_mask, dtype=torch.bool),
-                       switch_step=torch.full_like(response_mask[:, 0], -1),
-                       divergences=torch.zeros_like(response_mask, dtype=torch.float),
-                       measured=torch.zeros_like(response_mask, dtype=torch.bool))
-    student = getattr(student, "module", student)  # under DDP the rollout runs the bare model, without hooks
-    return rollout(student, teacher, prompt_ids, prompt_mask, ROLLOUT_MODE[args.method],
-                   max_new_tokens=args.max_new_tokens, window=args.window, k=args.k, skd_top_k=args.skd_top_k,
-                   metric=args.metric, beta=args.beta, temperature=args.temperature, eos_token_id=stop,
-                   pad_token_id=pad_token_id, generator=generator, min_history=args.min_history,
-                   teacher_writes_switch_token=args.teacher_writes_switch_token)
+        nothing = torch.zeros_like(response_mask, dtype=torch.bool)                         # [B, N]
+        return Rollout(sequences=torch.cat([prompt_ids, response_ids], 1), completion_mask=response_mask,
+                       attention_mask=torch.cat([prompt_mask, response_mask], 1), from_teacher=nothing,
+                       switch_step=torch.full_like(response_mask[:, 0], -1), divergences=nothing.float(),
+                       measured=nothing)
+    knobs = ("max_new_tokens", "window", "k", "skd_top_k", "metric", "beta", "temperature", "min_history",
+             "teacher_writes_switch_token")  # the flags named as the rollout's arguments
+    return rollout(student, teacher, prompt_ids, prompt_mask, ROLLOUT_MODE[args.method], eos_token_id=stop,
+                   pad_token_id=pad_token_id, generator=generator, **{name: getattr(args, name) for name in knobs})
 
 def sequence_stats(seqs: list[Rollout]) -> dict:
-    """What the sequences looked like: the logged switch_rate, switch_pos, teacher_frac, divergence, completion_len.
-    Micro-batches may differ in width N, so each is flattened before they are joined."""
+    """The logged switch_rate, switch_pos, teacher_frac, divergence, completion_len (micro-batches' N may differ)."""
     join = lambda key: torch.cat([getattr(s, key).flatten() for s in seqs])  # noqa: E731
     mask, switch_step, d = join("completion_mask").bool(), join("switch_step"), join("divergences")  # [sum B*N], [B]
     mean = lambda x: x.float().mean().item() if x.numel() else None  # noqa: E731
@@ -428,17 +401,12 @@ def sequence_stats(seqs: list[Rollout]) -> dict:
             "teacher_frac": mean(join("from_teacher")[mask]), "divergence": mean(d[join("measured")]),
             "completion_len": mean(torch.cat([s.completion_mask.sum(-1) for s in seqs]))}
 
-
-# ----------------------------------------------------------------------------------------------------
-# Evaluation: greedy completions of the test prompts, scored per task.
-
+# --- Evaluation: greedy completions of the test prompts, scored per task.
 def final_number(text: str) -> str | None:
     """GSM8K's convention: the number after '####', else the last number in the text."""
     numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text.split("####")[-1])
-    if not numbers:
-        return None
-    number = (numbers[0] if "####" in text else numbers[-1]).replace(",", "")
-    return number.rstrip("0").rstrip(".") if "." in number else number
+    number = (numbers[0] if "####" in text else numbers[-1]).replace(",", "") if numbers else None
+    return number.rstrip("0").rstrip(".") if number and "." in number else number
 
 def rouge_l(prediction: str, reference: str) -> float:
     """ROUGE-L F1 from the longest common subsequence of tokens, tokenized as the rouge_score package does by
@@ -458,28 +426,23 @@ def number_match(prediction: str, reference: str) -> float:
 SCORES = {"number": number_match, "rouge": rouge_l, "exact": lambda pred, ref: float(pred.strip() == ref.strip())}
 
 @torch.no_grad()
-def evaluate(model, tokenizer, batches: list[dict], args: Args, score: str, stop: list[int], desc: str = "eval") -> float:
+def evaluate(model, tokenizer, batches: list[dict], args: Args, score: str, stop: list[int], desc="eval") -> float:
     """Mean score of the model's greedy completions (the student writes alone: rollout mode 'student')."""
     scores = []
     for batch in tqdm(batches, desc=desc, leave=False, disable=not sys.stderr.isatty()):
-        out = rollout(model, None, batch["prompt_ids"], batch["prompt_mask"], "student",
-                      max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=stop,
-                      pad_token_id=tokenizer.pad_token_id)
+        out = rollout(model, None, batch["prompt_ids"], batch["prompt_mask"], "student", do_sample=False,
+                      max_new_tokens=args.max_new_tokens, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out.sequences[:, batch["prompt_ids"].shape[1]:], skip_special_tokens=True)
         scores += [SCORES[score](text, reference) for text, reference in zip(texts, batch["references"])]
     return sum(scores) / len(scores)
 
-
-# ----------------------------------------------------------------------------------------------------
-# Data: the built-in toy tasks, real datasets, prompt templates, batches.
-
+# --- Data: the built-in toy tasks, real datasets, prompt templates, batches.
 TASKS = {  # dataset -> (hub name, config, prompt field, response field, template)
     "gsm8k": ("openai/gsm8k", "main", "question", "answer",
               "Solve the problem step by step, then give the final answer after '####'.\n\n{prompt}"),
     "dialogsum": ("knkarthick/dialogsum", None, "dialogue", "summary",
                   "Summarize the following dialogue in a few sentences.\n\n{prompt}"),
 }
-TOY_CHARS = "0123456789+=# abcdefgh"
 
 def addition_example(rng: random.Random, digits: int) -> dict:
     """'0347+0285=' -> '7+5+0=12 4+8+1=13 3+2+1=06 0+0+0=00 ####00632': column addition with its carries.
@@ -513,12 +476,10 @@ def toy_rows(task: str, digits: int, test_size: int, train_size: int = 20000) ->
     test = itertools.islice(filter(held_out, (make(test_rng, digits) for _ in itertools.count())), test_size)
     return [row for row in (make(train_rng, digits) for _ in range(train_size)) if not held_out(row)], list(test)
 
-def char_tokenizer(chars: str = TOY_CHARS):
+def char_tokenizer(chars: str = "0123456789+=# abcdefgh"):
     """A character-level tokenizer for the toy tasks, wrapped like any Hugging Face checkpoint's tokenizer."""
-    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<unk>", *chars])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>", *chars])}, "<unk>"))
+    core.pre_tokenizer, core.decoder = pre_tokenizers.Split(Regex("."), behavior="isolated"), decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 def read_file(path: Path) -> list[dict]:
@@ -545,13 +506,11 @@ def read_file(path: Path) -> list[dict]:
 
 def text_rows(rows: list[dict], prompt_field: str, response_field: str, name: str) -> list[dict]:
     """{'prompt', 'response'} texts; rows with a missing, null or blank field are dropped, never trained as 'None'."""
-    kept = []
-    for i, row in enumerate(rows, start=1):
-        values = [row.get(prompt_field), row.get(response_field)]
-        require(not any(isinstance(v, (list, dict)) for v in values),
-                f"{name}, row {i}: {prompt_field!r} and {response_field!r} must be text, not lists")
-        if all(v is not None and str(v).strip() for v in values):
-            kept.append({"prompt": str(values[0]), "response": str(values[1])})
+    pairs = [(row.get(prompt_field), row.get(response_field)) for row in rows]
+    for i, pair in enumerate(pairs, start=1):
+        require(not any(isinstance(v, (list, dict)) for v in pair), f"{name}, row {i}: fields must be text, not lists")
+    kept = [{"prompt": str(p), "response": str(r)} for p, r in pairs
+            if all(v is not None and str(v).strip() for v in (p, r))]
     if len(kept) < len(rows):
         print(f"note: dropped {len(rows) - len(kept)} of {len(rows)} rows of {name}: a missing or empty field")
     return kept
@@ -637,80 +596,52 @@ def batch_stream(examples: list[dict], batch_size: int, pad_token_id: int, devic
     while seed is not None:
         yield from loader
 
+# --- Training loop: AdamW steps on the method's sequences, a checkpoint every --save-every steps.
+def save_checkpoint(out: Path, step: int, student, tokenizer, optimizer, schedule):
+    """out/checkpoint-<step>: the student (a save_pretrained folder) and state.pt (optimizer, schedule, step). state.pt
+    is written last, by rename: a folder without it is an interrupted save; the last one is deleted only after."""
+    folder = out / f"checkpoint-{step}"
+    student.save_pretrained(folder / "student")
+    tokenizer.save_pretrained(folder / "student")
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
+               folder / "state.pt.partial")
+    os.replace(folder / "state.pt.partial", folder / "state.pt")
+    for old in set(out.glob("checkpoint-*")) - {folder}:
+        shutil.rmtree(old)
 
-# ----------------------------------------------------------------------------------------------------
-# Main: load, train, evaluate, report. Also trains the toy models of the default run.
-
-def rng_states(generator: torch.Generator) -> dict:
-    """Every random state a training step draws from: the rollout's sampling, dropout, Python's random."""
-    return {"rollout": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-def save_checkpoint(out: Path, step: int, student, tokenizer, optimizer, schedule, generator, rank: int, world: int):
-    """out/checkpoint-<step>: the student as a save_pretrained folder that loads on its own, and state.pt (optimizer,
-    schedule, step, every rank's random states). state.pt is written last and by rename, so a folder without it is an
-    interrupted save; the previous checkpoint is deleted only once the new one is whole. Rank 0 writes."""
-    states = [rng_states(generator)]
-    if world > 1:
-        states = [None] * world
-        dist.all_gather_object(states, rng_states(generator))
-    if rank == 0:
-        folder = out / f"checkpoint-{step}"
-        student.save_pretrained(folder / "student")
-        tokenizer.save_pretrained(folder / "student")
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                    "rng": states}, folder / "state.pt.partial")
-        os.replace(folder / "state.pt.partial", folder / "state.pt")
-        for old in out.glob("checkpoint-*"):
-            if old != folder:
-                shutil.rmtree(old)
-
-def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], rank: int = 0, world: int = 1,
-          test_batches: list[dict] | None = None, score: str = "exact", out: Path | None = None,
-          state: dict | None = None, desc: str = "distill") -> list[dict]:
-    """AdamW, linear warm-up then decay; each step: build the sequences, score them, clip, step. With `out`: metrics
-    to out/metrics.jsonl and a checkpoint every --save-every steps. `state` (load_checkpoint) continues a stopped run."""
+def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], test_batches: list[dict] | None = None,
+          score: str = "exact", out: Path | None = None, state: dict | None = None, desc: str = "distill") -> None:
+    """AdamW, linear warm-up and decay; each step: make the sequences, score them, clip, step; log and save into out."""
     device = next(student.parameters()).device
-    model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
     student.train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * args.max_steps), args.max_steps)
-    generator = torch.Generator(device).manual_seed(args.seed + rank)
     if state is not None:  # the student's weights came with it; the rest of where the run stopped is here
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        rng = state["rng"][rank]
-        generator.set_state(rng["rollout"]), torch.set_rng_state(rng["torch"]), random.setstate(rng["python"])
-        torch.cuda.set_rng_state_all(rng["cuda"]) if rng["cuda"] else None
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
     scorer = None if args.method == "sft" else teacher  # sequence_loss without a teacher: the log-likelihood (SFT)
-
-    def rank_mean(x: torch.Tensor) -> torch.Tensor:  # the mean of x over the processes
-        if world > 1:
-            dist.all_reduce(x)
-        return x / world
     first = 1 if state is None else state["step"] + 1
-    history, bar = [], tqdm(range(first, args.max_steps + 1), desc=desc, initial=first - 1, total=args.max_steps,
-                            leave=False, disable=rank != 0 or not sys.stderr.isatty())
+    bar = tqdm(range(first, args.max_steps + 1), desc=desc, initial=first - 1, total=args.max_steps, leave=False,
+               disable=not sys.stderr.isatty())
     for step in bar:
-        start, tokens, loss = time.perf_counter(), 0, 0.0
-        seqs = []
-        for micro in range(args.grad_accum):  # made, scored and backpropagated one at a time: flat memory
-            # Under DDP the gradients are all-reduced once, in the window's last backward.
-            with model.no_sync() if world > 1 and micro < args.grad_accum - 1 else contextlib.nullcontext():
-                with autocast:
-                    seq = make_sequences(next(batches), model, teacher, args, stop, tokenizer.pad_token_id, generator)
-                    total = sequence_loss(model, scorer, seq, args.loss, args.beta, args.temperature, num_tokens=1.0)
-                total.backward()
+        # The step's random draws (rollout samples, dropout) follow from (seed, step) alone, so a resumed run draws
+        # what the uninterrupted one drew, and checkpoints need no random states.
+        torch.manual_seed(args.seed * 1_000_003 + step)
+        start, tokens, loss, seqs = time.perf_counter(), 0, 0.0, []
+        for _ in range(args.grad_accum):  # made, scored and backpropagated one at a time: flat memory
+            with autocast:
+                seq = make_sequences(next(batches), student, teacher, args, stop, tokenizer.pad_token_id)
+                total = sequence_loss(student, scorer, seq, args.loss, args.beta, args.temperature, num_tokens=1.0)
+            total.backward()
             tokens, loss = tokens + seq.completion_mask.sum(), loss + total.detach()
             seq.teacher_logits = None  # [B, N, V]: freed before the next rollout, not held for the whole window
             seqs.append(seq)
-        # DDP averaged the summed gradients over ranks; dividing by the mean token count of all ranks makes the step
-        # the gradient of the mean loss over every token of the window, whichever micro-batch or rank it came from.
-        num_tokens = rank_mean(tokens.clamp(min=1).float())
+        # Summed over the window, then divided by its token count: every token weighs the same, whichever micro-batch.
+        num_tokens = tokens.clamp(min=1).float()
         for parameter in student.parameters():
             parameter.grad = None if parameter.grad is None else parameter.grad / num_tokens
-        loss = rank_mean(loss) / num_tokens
+        loss = loss / num_tokens
         norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
         require(loss.isfinite() and norm.isfinite(), f"step {step}: the loss is {loss.item():g} (gradient norm "
                 f"{norm.item():g}), stopped before the update; try a lower --lr or --dtype float32, then --resume")
@@ -719,78 +650,65 @@ def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], ran
         optimizer.zero_grad(set_to_none=True)
         record = {"step": step, "loss": loss.item(), **sequence_stats(seqs),
                   "tokens_per_s": num_tokens.item() / (time.perf_counter() - start), "lr": schedule.get_last_lr()[0]}
-        if rank == 0 and test_batches and args.eval_every and step % args.eval_every == 0:
+        if test_batches and args.eval_every and step % args.eval_every == 0:
             record["eval_score"] = evaluate(student, tokenizer, test_batches, args, score, stop)
-        history.append(record)
         shown = ("switch_rate", "teacher_frac") if args.method in ("adaswitch", "skd") else ()  # the rest is fixed
         bar.set_postfix(loss=f"{record['loss']:.3f}", **{key: f"{record[key]:.2f}" for key in shown})
-        if out is not None and rank == 0 and (step % args.log_every == 0 or "eval_score" in record):
+        if out is not None and (step % args.log_every == 0 or "eval_score" in record):
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         if out is not None and (step % args.save_every == 0 or step == args.max_steps):
-            save_checkpoint(out, step, student, tokenizer, optimizer, schedule, generator, rank, world)
-    return history
+            save_checkpoint(out, step, student, tokenizer, optimizer, schedule)
 
-def prepare_toy(args: Args, rank: int, world: int, device) -> Args:
+# --- Main: the toy models of the default run, loading, the run's folder, evaluation, training, the report.
+def prepare_toy(args: Args, device) -> Args:
     """The toy models of --dataset toy / toy_summary, both trained by SFT once and cached in --toy-dir: a teacher that
     solves the task almost always, and a smaller student warmed up briefly. Returns args pointing at their folders."""
-    tokenizer, rows = char_tokenizer(), toy_rows(args.dataset, args.toy_digits, Args().eval_samples)[0]
+    tokenizer, rows = char_tokenizer(), toy_rows(args.dataset, args.toy_digits, 0)[0]
     longest = max(len(row["response"]) for row in rows) + 1  # + EOS
-    # Room for the default --max-prompt-len and --max-new-tokens, or for the task if it is longer.
-    positions = max(Args().max_prompt_len + Args().max_new_tokens, max(len(row["prompt"]) for row in rows) + longest)
-    # Fixed SFT settings (Args' defaults, warm-up 0.05): the models depend on the --toy-* flags (all of them in the
-    # folder name) and on the machine (GPU autocast, the number of DDP processes), not on the other flags.
-    sft = replace(Args(), method="sft", dataset=args.dataset, lr=args.toy_lr, warmup_ratio=0.05, max_new_tokens=longest)
+    # Fixed SFT settings (Args' defaults, lr 3e-3, warm-up 0.05): the models depend on the --toy-* flags (all in the
+    # folder name) and on the machine (GPU autocast), not on the other flags.
+    sft = replace(Args(), method="sft", dataset=args.dataset, lr=3e-3, warmup_ratio=0.05, max_new_tokens=longest)
     for name, shape, steps in (("teacher", dict(n_embd=128, n_layer=4, n_head=4), args.toy_teacher_steps),
                                ("student", dict(n_embd=64, n_layer=2, n_head=2), args.toy_student_steps)):
-        # "held-out": trained on the CRC-32 split of toy_rows (older caches also hold some test prompts)
-        path = Path(args.toy_dir) / f"{args.dataset}-{args.toy_digits}digits-lr{args.toy_lr:g}-{name}-{steps}steps-held-out"
+        path = Path(args.toy_dir) / f"{args.dataset}-{args.toy_digits}digits-{name}-{steps}steps"
         if not (path / "config.json").exists():
-            if rank == 0:
-                print(f"toy {name}: {steps} SFT steps, once; cached in {path}")
+            print(f"toy {name}: {steps} SFT steps, once; cached in {path}")
             torch.manual_seed(0)  # the same toy models whatever --seed, so runs with different seeds share a start
-            config = GPT2Config(vocab_size=len(tokenizer), n_positions=positions, bos_token_id=tokenizer.eos_token_id,
+            config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,  # 1024 positions
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)
             model = GPT2LMHeadModel(config).to(device)
-            batches = batch_stream(encode(rows, tokenizer, sft)[rank::world], sft.batch_size, tokenizer.pad_token_id,
-                                   device, seed=0)
-            train(model, None, batches, replace(sft, max_steps=steps), tokenizer, stop_ids(tokenizer), rank, world,
-                  desc=f"toy {name} (SFT)")
-            if rank == 0:
-                model.save_pretrained(path)
-                tokenizer.save_pretrained(path)
-            if dist.is_initialized():
-                dist.barrier()
+            batches = batch_stream(encode(rows, tokenizer, sft), sft.batch_size, tokenizer.pad_token_id, device, seed=0)
+            train(model, None, batches, replace(sft, max_steps=steps), tokenizer, [], desc=f"toy {name} (SFT)")
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
         args = replace(args, **{name: str(path)})
     return args
 
 def from_pretrained(auto, name: str, **kwargs):
     """AutoModelForCausalLM or AutoTokenizer from a hub id or a save_pretrained folder; a failure is one line."""
-    require(not name.startswith((".", "/", "~")) or Path(name).expanduser().is_dir(),
-            f"model folder {name} does not exist; give a hub id or a folder saved with save_pretrained")
+    require(not name.startswith((".", "/", "~")) or Path(name).expanduser().is_dir(), f"no model folder {name}")
     try:
         return auto.from_pretrained(os.path.expanduser(name), **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UsageError(f"cannot load {auto.__name__} from {name}: {str(error).strip().splitlines()[0]}") from None
 
 def load_models(args: Args, device, student_path: str | None = None):
-    """The tokenizer teacher and student share, the frozen teacher, the student (from student_path when resuming); and
-    args with --max-prompt-len capped so that prompt + completion fit the models' positions (past them: an IndexError
-    deep inside torch)."""
+    """The shared tokenizer, the frozen teacher, the student (from student_path when resuming), and args with
+    --max-prompt-len capped so that prompt + completion fit the models' positions (else an IndexError inside torch)."""
     tokenizers = [from_pretrained(AutoTokenizer, name) for name in (args.teacher, args.student)]
-    for name, tokenizer in zip((args.teacher, args.student), tokenizers):
-        require(len(tokenizer.get_vocab()) > len(tokenizer.all_special_tokens),  # not so in a folder without one
-                f"{name} has an empty tokenizer; save one beside the model with save_pretrained")
-    probe = "Distillation 101: 3 + 4 = 7, naïve café, 東京.\n"
-    same = len({(tuple(sorted(t.get_vocab().items())), tuple(t(probe)["input_ids"])) for t in tokenizers}) == 1
-    require(same, "the teacher's and the student's tokenizers differ (ids are compared one to one): use one family")
+    for name, tokenizer in zip((args.teacher, args.student), tokenizers):  # a folder without one: an empty one
+        require(len(tokenizer.get_vocab()) > len(tokenizer.all_special_tokens), f"{name} has no tokenizer files")
+    probe = "Distillation 101: 3 + 4 = 7, naïve café, 東京.\n"  # the same vocabulary and the same encoding
+    require(len({(tuple(sorted(t.get_vocab().items())), tuple(t(probe)["input_ids"])) for t in tokenizers}) == 1,
+            "the teacher's and the student's tokenizers differ (ids are compared one to one): use one family")
     tokenizer = tokenizers[1]
     tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.pad_token or tokenizer.eos_token
     teacher = from_pretrained(AutoModelForCausalLM, args.teacher, dtype=getattr(torch, args.dtype))
     # The student keeps float32 weights whatever --dtype: bf16 weights would round away most AdamW updates.
     student = from_pretrained(AutoModelForCausalLM, str(student_path or args.student), dtype=torch.float32).to(device)
     for name, model in ((args.teacher, teacher), (student_path or args.student, student)):
-        require(all(p.isfinite().all() for p in model.parameters()), f"{name} has NaN or inf weights: a damaged checkpoint")
+        require(all(p.isfinite().all() for p in model.parameters()), f"{name} has NaN or inf weights: damaged?")
     logits = min(m.get_output_embeddings().weight.shape[0] for m in (teacher, student))
     require(len(tokenizer) <= logits, f"the tokenizer has {len(tokenizer)} tokens, a model only {logits} logits")
     require(args.method != "skd" or args.skd_top_k < len(tokenizer),
@@ -803,107 +721,76 @@ def load_models(args: Args, device, student_path: str | None = None):
         args = replace(args, max_prompt_len=limit - args.max_new_tokens)
     return args, tokenizer, teacher.to(device).eval().requires_grad_(False), student
 
-RESUMABLE = ("output_dir", "resume", "overwrite", "save_every", "log_every", "eval_every", "cpu")  # may change
-
-def open_run(args: Args, out: Path, world: int) -> dict | None:
-    """None for a new run (refused where --output-dir holds a run, unless --overwrite); with --resume, the checkpoint
-    to continue from, once the run's flags are found the same."""
-    if args.resume:
-        require((out / "args.json").is_file(), f"--resume: {out} holds no run (args.json) to continue")
-        saved = json.loads((out / "args.json").read_text())
-        for name, value in asdict(args).items():
-            require(name in RESUMABLE or saved.get(name) == value, f"--resume: --{name.replace('_', '-')} is {value} "
-                    f"here but {saved.get(name)} in the run in {out}; resume with the run's flags")
-        whole = [p for p in out.glob("checkpoint-*") if (p / "state.pt").is_file()]  # see save_checkpoint
-        require(whole, f"--resume: {out} holds no whole checkpoint (checkpoint-<step>/state.pt); start it again "
-                       "with --overwrite")
-        folder = max(whole, key=lambda p: p.stat().st_mtime)
-        try:
-            state = torch.load(folder / "state.pt")
-        except Exception as error:  # any failure to read it: truncated, not a checkpoint, an incompatible format
-            raise UsageError(f"--resume: {folder / 'state.pt'} is damaged ({type(error).__name__}); start the run "
-                             f"again with --overwrite") from None
-        require(len(state["rng"]) == world, f"--resume: the run had {len(state['rng'])} processes, this one {world}")
-        return {**state, "student": folder / "student"}
-    require(not run_files(out) or args.overwrite, f"{out} already holds a run: continue it with --resume, choose "
-                                                  "another --output-dir, or replace it with --overwrite")
-    return None
-
-def run_files(out: Path) -> list[Path]:
-    """What a run writes into its folder: --overwrite deletes these, and nothing else."""
-    return [p for p in (out / "args.json", out / "metrics.jsonl", out / "summary.json", out / "student",
-                        *out.glob("checkpoint-*")) if p.exists()]
+def open_run(args: Args, out: Path) -> dict | None:
+    """None for a new run: refused where --output-dir holds a run, whose files (only those) --overwrite deletes. With
+    --resume, the newest whole checkpoint (see save_checkpoint), once the run's flags are found the same."""
+    ran = [p for p in (out / "args.json", out / "metrics.jsonl", out / "summary.json", out / "student",
+                       *out.glob("checkpoint-*")) if p.exists()]
+    if not args.resume:
+        require(not ran or args.overwrite, f"{out} already holds a run: continue it with --resume, choose another "
+                                           "--output-dir, or replace it with --overwrite")
+        for path in ran:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return None
+    require((out / "args.json").is_file(), f"--resume: {out} holds no run (args.json) to continue")
+    saved = json.loads((out / "args.json").read_text())
+    for name, value in asdict(args).items():  # all but these must be the run's
+        require(name in ("output_dir", "resume", "overwrite", "save_every", "log_every", "eval_every")
+                or saved.get(name) == value, f"--resume: --{name.replace('_', '-')} is {value} here but "
+                f"{saved.get(name)} in the run in {out}; resume with the run's flags")
+    whole = sorted(out.glob("checkpoint-*/state.pt"), key=lambda p: p.stat().st_mtime)
+    require(whole, f"--resume: {out} holds no whole checkpoint (checkpoint-<step>/state.pt); start again (--overwrite)")
+    try:
+        state = torch.load(path := whole[-1])
+    except Exception as error:  # any failure to read it: truncated, not a checkpoint, another format
+        raise UsageError(f"--resume: {path} is damaged ({type(error).__name__}); start again (--overwrite)") from None
+    return {**state, "student": path.parent / "student"}
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     hf_logging.disable_progress_bar()  # loading bars for every model file would bury the report
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cuda = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)  # before the process group, or every rank's NCCL context lands on GPU 0
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))  # rank 0 evaluates alone
-        name = [args.output_dir]  # a default name holds the time, which the ranks may read a second apart
-        dist.broadcast_object_list(name, src=0)
-        args = replace(args, output_dir=name[0])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started, (train_rows, test_rows) = time.perf_counter(), load_rows(args)  # bad data: stop before loading models
-    out, given = Path(args.output_dir), args
-    state = open_run(args, out, world)
+    out, given, state = Path(args.output_dir), args, open_run(args, Path(args.output_dir))
     if args.teacher is None:
-        args = prepare_toy(args, rank, world, device)
+        args = prepare_toy(args, device)
     args, tokenizer, teacher, student = load_models(args, device, state and state["student"])
-    stop = stop_ids(tokenizer, teacher, student)
-    if dist.is_initialized():
-        dist.barrier()  # every rank has looked into --output-dir (open_run) before rank 0 writes there
-    set_seed(args.seed)  # after the toy models, so a run repeats whether or not it had to train them
-    pad = tokenizer.pad_token_id
-    train_batches = batch_stream(encode(train_rows, tokenizer, args)[rank::world], args.batch_size, pad, device,
-                                 seed=args.seed + rank)
+    stop, pad = stop_ids(tokenizer, teacher, student), tokenizer.pad_token_id
+    train_batches = batch_stream(encode(train_rows, tokenizer, args), args.batch_size, pad, device, seed=args.seed)
     test_batches = list(batch_stream(encode(test_rows, tokenizer, args), args.batch_size, pad, device))
     auto = {"toy": "number", "toy_summary": "rouge", "gsm8k": "number", "dialogsum": "rouge"}.get(args.dataset)
     score, log = args.score if args.score != "auto" else auto or "exact", out / "metrics.jsonl"
-    if state is not None:  # continue metrics.jsonl from the checkpoint, and its batches after the ones it used
+    if state is not None:  # metrics.jsonl continues from the checkpoint, the data after the batches it used
         train_batches = itertools.islice(train_batches, state["step"] * args.grad_accum, None)
-        if rank == 0:
-            records = [r for r in map(json.loads, log.read_text().splitlines()) if r["step"] <= state["step"]]
-            log.write_text("".join(json.dumps(r) + "\n" for r in records))
-    elif rank == 0:  # a new run: the folder is written only now that data and models have loaded
-        for path in run_files(out):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        records = [r for r in map(json.loads, log.read_text().splitlines()) if r["step"] <= state["step"]]
+        log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:  # a new run: its folder is written only now that the data and the models have loaded
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(asdict(given), indent=1))
         print(f"evaluating the teacher and the student on {len(test_rows)} test examples ({score} score)")
-        start = {"step": 0, "teacher_score": evaluate(teacher, tokenizer, test_batches, args, score, stop, "eval teacher"),
-                 "eval_score": evaluate(student, tokenizer, test_batches, args, score, stop, "eval student")}
-        log.write_text(json.dumps(start) + "\n")
-    if rank == 0:
-        print(f"distilling: {args.method}, {args.max_steps} steps; metrics, checkpoints and the student go to {out}")
+        log.write_text(json.dumps({
+            "step": 0, "teacher_score": evaluate(teacher, tokenizer, test_batches, args, score, stop, "eval teacher"),
+            "eval_score": evaluate(student, tokenizer, test_batches, args, score, stop, "eval student")}) + "\n")
+    print(f"distilling: {args.method}, {args.max_steps} steps, into {out}")
     train_started = time.perf_counter()
-    train(student, teacher, train_batches, args, tokenizer, stop, rank, world, test_batches, score, out, state)
+    train(student, teacher, train_batches, args, tokenizer, stop, test_batches, score, out, state)
     train_time = time.perf_counter() - train_started
-    summary = {}
-    if rank == 0:
-        after = evaluate(student, tokenizer, test_batches, args, score, stop, "eval student")
-        student.save_pretrained(out / "student")
-        tokenizer.save_pretrained(out / "student")
-        records = [json.loads(line) for line in log.read_text().splitlines()]
-        mean = lambda key: sum(v) / len(v) if (v := [r[key] for r in records if r.get(key) is not None]) else None  # noqa
-        summary = {"method": args.method, "dataset": args.dataset, "score": score, "teacher": records[0]["teacher_score"],
-                   "student_before": records[0]["eval_score"], "student_after": after,
-                   **{key: mean(key) for key in ("switch_rate", "switch_pos", "teacher_frac", "divergence",
-                                                 "completion_len")},
-                   "train_seconds": train_time, "seconds_per_step": train_time / (args.max_steps - (state or {"step": 0})["step"]),
-                   "total_seconds": time.perf_counter() - started, "args": asdict(given)}
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        print(f"{args.method} on {args.dataset}, {args.max_steps} steps ({score} score on {len(test_rows)} test "
-              f"examples)\n  teacher        {summary['teacher']:.3f}\n  student        {summary['student_before']:.3f} "
-              f"-> {after:.3f}\n  switch rate    {summary['switch_rate']:.2f}   teacher tokens {summary['teacher_frac']:.2f}\n"
-              f"  time           {train_time:.0f} s training, {summary['total_seconds']:.0f} s in all; "
-              f"student saved to {out / 'student'}")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    after = evaluate(student, tokenizer, test_batches, args, score, stop, "eval student")
+    student.save_pretrained(out / "student")
+    tokenizer.save_pretrained(out / "student")
+    records = [json.loads(line) for line in log.read_text().splitlines()]  # the means are over the logged steps
+    mean = lambda key: sum(v) / len(v) if (v := [r[key] for r in records if r.get(key) is not None]) else None  # noqa
+    summary = {"method": args.method, "dataset": args.dataset, "score": score, "teacher": records[0]["teacher_score"],
+               "student_before": records[0]["eval_score"], "student_after": after, "train_seconds": train_time,
+               "seconds_per_step": train_time / (args.max_steps - (state["step"] if state else 0)),
+               **{key: mean(key) for key in ("switch_rate", "switch_pos", "teacher_frac", "divergence",
+                                             "completion_len")},
+               "total_seconds": time.perf_counter() - started, "args": asdict(given)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"{args.method} on {args.dataset}, {args.max_steps} steps ({score} score on {len(test_rows)} test examples)")
+    print(f"  teacher        {summary['teacher']:.3f}\n  student        {summary['student_before']:.3f} -> {after:.3f}")
+    print(f"  switch rate    {summary['switch_rate']:.2f}   teacher tokens {summary['teacher_frac']:.2f}")
+    print(f"  time           {train_time:.0f} s training, {summary['total_seconds']:.0f} s in all")
     return summary
 
 if __name__ == "__main__":

@@ -800,16 +800,6 @@ def test_same_seed_same_losses(saved, tmp_path):
     assert losses[0] != losses[2]
 
 
-def test_ddp_two_processes(saved, tmp_path):
-    """torchrun with 2 CPU processes (gloo): trains, and only rank 0 logs."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
-               *cli_args(saved, tmp_path, "--method", "adaswitch", "--cpu")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert [r["step"] for r in logged(tmp_path)] == [1, 2]
-    assert (tmp_path / "student" / "config.json").exists()
-
-
 def test_cli_error_is_one_line_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPT), "--window", "0", "--output-dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
@@ -842,7 +832,7 @@ def test_tokenizer_mismatch(saved, tmp_path):
     """A student whose tokenizer numbers the same characters differently is refused before any training."""
     other = tmp_path / "other-student"
     AutoModelForCausalLM.from_pretrained(saved / "student").save_pretrained(other)
-    A.char_tokenizer(A.TOY_CHARS[::-1]).save_pretrained(other)
+    A.char_tokenizer("0123456789+=# abcdefgh"[::-1]).save_pretrained(other)
     with pytest.raises(A.UsageError, match="teacher.s and the student.s tokenizers differ"):
         A.main(cli_args(saved, tmp_path, "--student", str(other)))
 
@@ -1395,14 +1385,14 @@ def test_resume_equals_the_uninterrupted_run(saved, tmp_path, method, monkeypatc
 def test_a_killed_run_resumes_to_the_same_student(saved, tmp_path):
     """SIGKILL in the middle of training loses at most --save-every steps, and --resume ends with the student of a
     run that was never killed. An interrupted save (a checkpoint folder without state.pt) is passed over."""
-    flags = ["--method", "adaswitch", "--max-steps", "40", "--save-every", "3", "--eval-every", "0"]
+    flags = ["--method", "adaswitch", "--max-steps", "16", "--save-every", "3", "--eval-every", "0"]
     command = lambda out, *extra: [sys.executable, str(SCRIPT), *cli_args(saved, out, *flags), *extra]  # noqa: E731
     whole = subprocess.run(command(tmp_path / "whole"), capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
     cut = tmp_path / "cut"
     process = subprocess.Popen(command(cut), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while not (cut / "metrics.jsonl").exists() or len(logged(cut)) < 10:
+        while not (cut / "metrics.jsonl").exists() or len(logged(cut)) < 7:
             assert process.poll() is None, "the run ended before it could be killed"
             time.sleep(0.005)
         process.send_signal(signal.SIGKILL)
@@ -1411,7 +1401,7 @@ def test_a_killed_run_resumes_to_the_same_student(saved, tmp_path):
     assert process.returncode == -signal.SIGKILL
     last = max(r["step"] for r in logged(cut))
     (saved_step,) = [int(p.name.split("-")[1]) for p in cut.glob("checkpoint-*") if (p / "state.pt").exists()]
-    assert last - 3 <= saved_step <= last < 40
+    assert last - 3 <= saved_step <= last < 16
     (cut / f"checkpoint-{saved_step + 1}" / "student").mkdir(parents=True)  # a save killed before its state.pt
     resumed = subprocess.run(command(cut, "--resume"), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
