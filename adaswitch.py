@@ -307,7 +307,7 @@ class Args:
     eval_samples: int = arg(500, "test examples used for evaluation")
     score: Literal["auto", "number", "rouge", "exact"] = arg("auto", "final number, ROUGE-L, exact; auto: by task")
     toy_digits: int = arg(3, "toy task: digits per operand")
-    toy_teacher_steps: int | None = arg(None, "toy tasks: SFT steps of the teacher; None: 1000, 3000 for toy_summary")
+    toy_teacher_steps: int | None = arg(None, "toy tasks: SFT steps of the teacher; None: 600, 3000 for toy_summary")
     toy_student_steps: int = arg(400, "toy tasks: SFT warm-up steps for the student (cached in --toy-dir)")
     toy_dir: str = arg("runs/toy", "toy tasks: where the trained toy teacher and student are cached")
     # training
@@ -357,7 +357,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     if args.skd_top_k is None:  # a top-25 on a 25-token vocabulary would keep every student token: on-policy
         args.skd_top_k = 2 if args.teacher is None else 25
     if args.toy_teacher_steps is None:  # counting runs of letters takes longer to learn than adding digits
-        args.toy_teacher_steps = 3000 if args.dataset == "toy_summary" else 1000
+        args.toy_teacher_steps = 3000 if args.dataset == "toy_summary" else 600
     for need, ok, names in ((">= 1", lambda v: v >= 1, "max_steps batch_size grad_accum max_new_tokens max_prompt_len "
                                                     "eval_samples skd_top_k log_every save_every toy_digits"),
                             (">= 0", lambda v: 0 <= v < math.inf, "seed eval_every toy_teacher_steps toy_student_steps "
