@@ -1260,7 +1260,7 @@ def test_rouge_l_equals_rouge_score(prediction, reference):
 # The tutorial notebook
 
 
-def test_tutorial_notebook_runs_at_smoke_size(tmp_path, monkeypatch):
+def test_tutorial_notebook_runs_at_smoke_size(tmp_path, monkeypatch, pair):
     """tutorial.ipynb executed top to bottom by a python3 kernel with ADASWITCH_SMOKE=1 (about a minute): its own
     checks must hold (the recomputed switch rule), its figures are saved, and everything it writes (toy models,
     runs, figures, kernel and matplotlib files) lands in tmp_path."""
@@ -1271,6 +1271,7 @@ def test_tutorial_notebook_runs_at_smoke_size(tmp_path, monkeypatch):
 
     here = Path(__file__).resolve().parent
     env = {"ADASWITCH_SMOKE": "1", "ADASWITCH_RUNS": tmp_path / "runs", "ADASWITCH_FIGURES": tmp_path / "figures",
+           "ADASWITCH_GEMMA": pair,  # the real pair of section 8, built once for the session (conftest.py)
            "PYTHONPATH": os.pathsep.join(p for p in (str(here), os.environ.get("PYTHONPATH")) if p),
            "MPLCONFIGDIR": tmp_path / "matplotlib", "IPYTHONDIR": tmp_path / "ipython",
            "JUPYTER_RUNTIME_DIR": tmp_path / "jupyter", "PYTHONDONTWRITEBYTECODE": "1"}
