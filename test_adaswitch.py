@@ -1281,8 +1281,9 @@ def test_tutorial_notebook_runs_at_smoke_size(tmp_path, monkeypatch, pair):
     NotebookClient(notebook, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises on the first failing cell
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
-        "comparison.png", "distributions.png", "divergence_kinds.png", "k_sweep.png", "short_completions.png",
-        "summary_divergence.png", "tracker.png", "training_step.png", "weak_strong.png"]
+        "comparison.png", "distributions.png", "divergence_kinds.png", "k_sweep.png", "real_divergence.png",
+        "real_k_sweep.png", "real_training.png", "short_completions.png", "summary_divergence.png", "tracker.png",
+        "training_step.png", "weak_strong.png"]
     assert all((tmp_path / "runs" / "tutorial" / f"{m}-0" / "summary.json").exists()
                for m in ("sft", "supervised_kd", "off_policy", "on_policy", "skd", "adaswitch"))
 
