@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
 # --- Divergences: d(p_t || p_s) per position, reduced over the vocabulary.
@@ -91,6 +92,29 @@ class SwitchTracker:
         self.step += 1
         return fire
 
+# --- Logits from hidden states. At a 150k-token vocabulary, [B, N, V] float32 logits take gigabytes and [B, N, H]
+#     hidden states megabytes: the rollout keeps the teacher's hidden states, the loss projects a chunk at a time.
+def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits of last hidden states, [..., H] -> [..., V]: the output embedding, then Gemma's soft-capping."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+def forward(model, check: bool = False, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """model(**inputs).logits [B, t, V] and the last hidden states [B, T, H] its head maps to them (base_model's output,
+    caught by a hook: the model runs its own forward). check: refuse a model whose logits are more than lm_head of
+    them (Cohere's logit_scale, Granite's logits_scaling), since a loss from lm_head would silently differ."""
+    caught = []
+    hook = model.base_model.register_forward_hook(lambda module, args, out: caught.append(out.last_hidden_state))
+    try:
+        logits = model(**inputs).logits
+    finally:
+        hook.remove()
+    if check and not torch.allclose(lm_head(model, caught[0][:, -logits.shape[1]:]), logits, rtol=1e-3, atol=1e-4):
+        raise ValueError(f"{type(model).__name__} computes its logits otherwise than its output embedding of its last "
+                         "hidden state (plus soft-capping): its head cannot be reproduced chunk by chunk")
+    return logits, caught[0]
+
 # --- Rollout: one batched, KV-cached decoding loop for the four ways of writing a completion.
 #   student   the student writes every token                              (on-policy KD, GKD)
 #   teacher   the teacher writes every token                              (off-policy KD)
@@ -107,7 +131,7 @@ class Rollout:
     switch_step: torch.Tensor          # [B]      completion index of the first token the teacher wrote; -1 none
     divergences: torch.Tensor          # [B, N]   d_i where measured, 0 elsewhere
     measured: torch.Tensor             # [B, N]   bool, both models ran for the row (adaswitch: up to the switch)
-    teacher_logits: torch.Tensor | None = None  # [B, N, V] when the teacher ran at every step
+    teacher_hidden: torch.Tensor | None = None  # [B, N, H] the teacher's last hidden states, when it ran at every step
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as Hugging Face's generate computes them: [B, T] -> [B, T]."""
@@ -134,8 +158,7 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
     """Write a completion for every prompt in input_ids [B, P]; see MODES. The caller gives prompts padded on the
     left (attention_mask [B, P] 0 there), every id that ends a row (eos_token_id; stop_ids() gathers them), the id
     written after a row ends, and two models sharing a tokenizer (ids are compared one to one). Both keep a KV cache
-    and see only the new token per step. Logits are compared and sampled over the shared first min(V_s, V_t) ids
-    (padded tables); teacher_logits keep the teacher's dtype (bf16 under autocast); the losses compute in float32."""
+    and see only the new token per step. Logits are compared and sampled over the shared first min(V_s, V_t) ids."""
     if mode not in MODES:
         raise ValueError(f"unknown rollout mode {mode!r}; choose one of {', '.join(MODES)}")
     models = {"student": student, "teacher": teacher}
@@ -154,7 +177,7 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
     ids, mask = input_ids, attention_mask                                             # [B, P], [B, P]
     positions = position_ids(attention_mask)                                          # [B, P]
     done = torch.zeros(batch, dtype=torch.bool, device=device)                        # [B] row has written EOS
-    tokens, from_teacher, written, divergences, measured, teacher_logits = [], [], [], [], [], []
+    tokens, from_teacher, written, divergences, measured, teacher_hidden = [], [], [], [], [], []
     try:
         for _ in range(max_new_tokens):
             active = ~done                                                             # [B]
@@ -162,9 +185,11 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
             skip_student = tracker is not None and not (active & ~tracker.switched).any()
             logits = {}
             for name in (name for name in needed if not (name == "student" and skip_student)):
-                out = models[name](input_ids=ids, attention_mask=mask, position_ids=positions,
-                                   cache=caches[name], use_cache=True, logits_to_keep=1)
-                logits[name] = out.logits[:, -1, :vocab]                               # [B, V]
+                out, hidden = forward(models[name], not tokens and name == "teacher", input_ids=ids, use_cache=True,
+                                      attention_mask=mask, position_ids=positions, cache=caches[name], logits_to_keep=1)
+                logits[name] = out[:, -1, :vocab]                                       # [B, V]
+                if name == "teacher":  # checked once above: the loss projects these with lm_head
+                    teacher_hidden.append(hidden[:, -1])                                # [B, H]
             s_logits, t_logits = logits.get("student"), logits.get("teacher")
             d, both = torch.zeros(batch, device=device), torch.zeros_like(done)       # [B], [B]
             if s_logits is not None and t_logits is not None:
@@ -197,8 +222,6 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
             written.append(active)
             divergences.append(torch.where(both, d, 0.0))
             measured.append(both)
-            if t_logits is not None:
-                teacher_logits.append(t_logits)
             done = done | (active & torch.isin(token, eos))
             if done.all():
                 break
@@ -219,12 +242,12 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
         attention_mask=torch.cat([attention_mask.long(), completion_mask], dim=1),     # [B, P+N]
         completion_mask=completion_mask, from_teacher=by_teacher, switch_step=switch_step,
         divergences=torch.stack(divergences, 1), measured=torch.stack(measured, 1),   # [B, N], [B, N]
-        teacher_logits=torch.stack(teacher_logits, dim=1) if len(teacher_logits) == len(tokens) else None,
+        teacher_hidden=torch.stack(teacher_hidden, dim=1) if len(teacher_hidden) == len(tokens) else None,
     )
 
 # --- Losses: a token-level divergence between student and (detached) teacher, on completion tokens only.
 def completion_logits(logits: torch.Tensor, num_new: int) -> torch.Tensor:
-    """Logits that predict the last num_new tokens: [B, P+N, V] or the last N+1 positions only -> [B, N, V]."""
+    """The positions that predict the last num_new tokens: [B, P+N, ...] or the last N+1 positions -> [B, N, ...]."""
     return logits[:, -num_new - 1:-1]
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
@@ -239,21 +262,31 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mas
     return total / (keep.sum().clamp(min=1) if num_tokens is None else num_tokens)
 
 def sequence_loss(student, teacher, seq: Rollout, metric: str = "fkl", beta: float = 0.5, temperature: float = 1.0,
-                  num_tokens: float | None = None) -> torch.Tensor:
-    """The student's loss on the completion of seq: the divergence to the teacher at every token (teacher_logits
-    kept by the rollout, else one teacher forward); with teacher None, the tokens' negative log-likelihood (SFT)."""
-    n = seq.completion_mask.shape[1]
+                  num_tokens: float | None = None, chunk_size: int = 64) -> torch.Tensor:
+    """distill_loss on the completion of seq, to the teacher's hidden states kept by the rollout, else to one teacher
+    forward's; with teacher None, the tokens' negative log-likelihood (SFT). The student's last hidden states come
+    from one forward; logits exist for chunk_size completion tokens at a time, and are recomputed in the backward
+    pass (checkpoint) rather than kept, so that no [B, N, V] tensor is ever held."""
+    n, keep = seq.completion_mask.shape[1], seq.completion_mask.bool()                     # N, [B, N]
     inputs = dict(input_ids=seq.sequences, attention_mask=seq.attention_mask,
-                  position_ids=position_ids(seq.attention_mask), logits_to_keep=n + 1)
-    logits = completion_logits(student(**inputs).logits, n)                                 # [B, N, V_s]
-    teacher_logits = seq.teacher_logits                                                     # [B, N, V_t] or None
-    if teacher is None:  # SFT: the forward KL to the data's one-hot distribution is the negative log-likelihood
-        teacher_logits = F.one_hot(seq.sequences[:, -n:], logits.shape[-1]).float().log()      # [B, N, V_s] 0, -inf
-        metric, temperature = "fkl", 1.0
-    elif teacher_logits is None:  # ground truth and the student's own samples: the teacher has not seen them yet
+                  position_ids=position_ids(seq.attention_mask), logits_to_keep=1)
+    hidden = completion_logits(forward(student, True, **inputs)[1], n)[keep]              # [M, H_s] M tokens
+    t_hidden = seq.teacher_hidden                                                          # [B, N, H_t] or None
+    if teacher is not None and t_hidden is None:  # ground truth, the student's samples: the teacher has not seen them
         with torch.no_grad():
-            teacher_logits = completion_logits(teacher(**inputs).logits, n)                 # [B, N, V_t]
-    return distill_loss(logits, teacher_logits, seq.completion_mask, metric, beta, temperature, num_tokens)
+            t_hidden = completion_logits(forward(teacher, True, **inputs)[1], n)           # [B, N, H_t]
+    targets = seq.sequences[:, -n:][keep] if teacher is None else t_hidden[keep]           # SFT: [M] ids; [M, H_t]
+
+    def chunk_loss(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # summed over the chunk's C tokens
+        s_logits = lm_head(student, h)                                                     # [C, V_s]
+        if teacher is None:  # the forward KL to the data's one-hot distribution
+            return F.cross_entropy(s_logits.float(), target, reduction="sum")
+        with torch.no_grad():
+            t_logits = lm_head(teacher, target)                                            # [C, V_t]
+        return distill_loss(s_logits, t_logits, torch.ones_like(target[:, 0]), metric, beta, temperature, 1.0)
+    total = sum(checkpoint(chunk_loss, hidden[i:i + chunk_size], targets[i:i + chunk_size], use_reentrant=False)
+                for i in range(0, len(hidden), chunk_size))
+    return total / (keep.sum().clamp(min=1) if num_tokens is None else num_tokens)
 # ========================================== end of the method ==========================================
 
 # The program: flags, training loop, evaluation, data, main. It calls the method above as any caller would.
@@ -635,7 +668,7 @@ def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], tes
                 total = sequence_loss(student, scorer, seq, args.loss, args.beta, args.temperature, num_tokens=1.0)
             total.backward()
             tokens, loss = tokens + seq.completion_mask.sum(), loss + total.detach()
-            seq.teacher_logits = None  # [B, N, V]: freed before the next rollout, not held for the whole window
+            seq.teacher_hidden = None  # [B, N, H]: freed before the next rollout, not held for the whole window
             seqs.append(seq)
         # Summed over the window, then divided by its token count: every token weighs the same, whichever micro-batch.
         num_tokens = tokens.clamp(min=1).float()

@@ -21,7 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, GPT2Config,
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from transformers import (AutoModelForCausalLM, AutoTokenizer, CohereConfig, CohereForCausalLM, Gemma2Config,
+                          Gemma2ForCausalLM, GPT2Config,
                           GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
 
@@ -455,17 +458,19 @@ def test_sampling_follows_the_generator(student, teacher, prompts, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_teacher_logits_equal_a_fresh_forward(student, teacher, prompts, mode):
-    """The teacher logits kept by the rollout == a parallel teacher forward, on completion tokens; None for student."""
+def test_teacher_hidden_states_give_the_logits_of_a_fresh_forward(student, teacher, prompts, mode):
+    """The teacher's hidden states kept by the rollout, through lm_head == a parallel teacher forward's logits, on
+    completion tokens; None for student."""
     _, ro = run_with_eos(student, teacher, prompts, mode, window=2, k=1.5, skd_top_k=5)
     if mode == "student":
-        assert ro.teacher_logits is None
+        assert ro.teacher_hidden is None
         return
-    assert ro.teacher_logits.shape == (3, ro.completion_mask.shape[1], V)
+    assert ro.teacher_hidden.shape == (3, ro.completion_mask.shape[1], teacher.config.n_embd)
     keep = ro.completion_mask.bool()
     assert not keep.all()
     # cached vs parallel float32 attention differ by up to ~2e-4 on these logits (|x| < 16); in float64, 1e-13
-    assert torch.allclose(ro.teacher_logits[keep], fresh_logits(teacher, ro)[keep], atol=1e-3)
+    with torch.no_grad():
+        assert torch.allclose(A.lm_head(teacher, ro.teacher_hidden)[keep], fresh_logits(teacher, ro)[keep], atol=1e-3)
 
 
 @pytest.mark.parametrize("mode,metric,k,beta", [("skd", "fkl", 1.5, 0.5), ("adaswitch", "fkl", 1.5, 0.5),
@@ -517,7 +522,9 @@ def test_wider_teacher_vocab(student, prompts, mode):
              generator=torch.Generator().manual_seed(0))
     assert ro.from_teacher.any()
     assert (ro.sequences < V).all()
-    assert ro.teacher_logits.shape == (3, N, V)
+    with torch.no_grad():  # the loss compares the first V logits of each model
+        expected = distill_loss(fresh_logits(student, ro), fresh_logits(wide, ro), ro.completion_mask)
+        assert torch.allclose(A.sequence_loss(student, wide, ro), expected, atol=1e-4)
 
 
 def test_rollout_rejects_bad_mode(student, teacher, prompts):
@@ -566,9 +573,9 @@ def tiny_family(family: str, seed: int = 0, **overrides):
     """A random 2-layer model of the family: 4 query heads sharing 2 key/value heads (grouped-query attention)."""
     model_class, config_class, extra = FAMILIES[family]
     torch.manual_seed(seed)
-    config = config_class(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                          bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD, **{**extra, **overrides})
+    shape = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64)
+    config = config_class(bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD, **{**shape, **extra, **overrides})
     return model_class(config).eval()
 
 
@@ -671,12 +678,120 @@ def test_sequence_loss_is_the_distill_loss_of_a_fresh_forward_or_the_nll(student
     with torch.no_grad():
         s, t = (completion_logits(m(input_ids=ro.sequences, attention_mask=ro.attention_mask,
                                     position_ids=A.position_ids(ro.attention_mask)).logits, N) for m in (student, teacher))
-        for kept in (ro.teacher_logits, None):
-            seq = A.Rollout(**{**vars(ro), "teacher_logits": kept})
+        for kept in (ro.teacher_hidden, None):
+            seq = A.Rollout(**{**vars(ro), "teacher_hidden": kept})
             assert torch.allclose(A.sequence_loss(student, teacher, seq, "rkl"), distill_loss(s, t, ro.completion_mask, "rkl"),
                                   atol=1e-4)
         nll = F.cross_entropy(s.transpose(1, 2), ro.sequences[:, -N:], reduction="none")
         assert torch.allclose(A.sequence_loss(student, None, ro, num_tokens=7.0), nll.sum() / 7, atol=1e-4)
+
+
+def full_logits_loss(student, teacher, seq, metric, temperature):
+    """The loss as written before chunking, from whole [B, N, V] logits: distill_loss, or the NLL without a teacher."""
+    n, mask = seq.completion_mask.shape[1], seq.completion_mask
+    inputs = dict(input_ids=seq.sequences, attention_mask=seq.attention_mask, position_ids=A.position_ids(mask))
+    inputs["position_ids"] = A.position_ids(seq.attention_mask)
+    s = completion_logits(student(**inputs).logits, n)                                     # [B, N, V]
+    if teacher is None:
+        nll = F.cross_entropy(s.transpose(1, 2), seq.sequences[:, -n:], reduction="none")  # [B, N]
+        return torch.where(mask.bool(), nll, 0.0).sum() / mask.sum()
+    with torch.no_grad():
+        t = completion_logits(teacher(**inputs).logits, n)
+    return distill_loss(s, t, mask, metric, 0.3, temperature)
+
+
+@pytest.mark.parametrize("family", ["gpt2", *FAMILIES])
+def test_chunked_loss_and_gradient_equal_the_full_logits_ones(family, prompts):
+    """sequence_loss, a chunk of 3 tokens at a time (a chunk size that does not divide the token count), with the
+    rollout's teacher hidden states or a teacher forward, == the loss of whole logits, and so do the student's
+    gradients: every divergence, SFT, two temperatures; rows that end early (masked positions); a teacher wider than
+    the student; Gemma 2's soft-capped logits."""
+    cap = dict(final_logit_softcapping=2.0) if family == "gemma2" else {}  # 30 would barely touch these logits
+    make = (lambda seed, width: tiny_gpt2(V, seed, n_embd=width)) if family == "gpt2" else \
+        (lambda seed, width: tiny_family(family, seed, hidden_size=width, **cap))
+    student, teacher = make(0, 32), make(1, 64)
+    switch = dict(window=2, k=1.2)
+    token, _ = eos_ending_first_row(run(student, teacher, prompts, "adaswitch", **switch).sequences[:, -N:])
+    ro = run(student, teacher, prompts, "adaswitch", eos_token_id=token, **switch)
+    keep = ro.completion_mask.bool()
+    assert not keep.all() and keep.sum() % 3 != 0 and ro.teacher_hidden is not None
+    for metric, temperature, kept in [(m, t, kept) for m in (*METRICS, "sft") for t in (1.0, 2.0)
+                                      for kept in (True, False)]:
+        scorer = None if metric == "sft" else teacher
+        seq = A.Rollout(**{**vars(ro), "teacher_hidden": ro.teacher_hidden if kept else None})
+        grads = []
+        for loss in (lambda: A.sequence_loss(student, scorer, seq, metric if scorer else "fkl", 0.3, temperature,
+                                             chunk_size=3),
+                     lambda: full_logits_loss(student, scorer, seq, metric, temperature)):
+            student.zero_grad(set_to_none=True)
+            value = loss()
+            value.backward()
+            grads.append((value.detach(), [p.grad.clone() for p in student.parameters()]))
+        (chunked, g_chunked), (full, g_full) = grads
+        case = f"{metric} T={temperature} kept={kept}"
+        assert torch.allclose(chunked, full, rtol=1e-4, atol=1e-5), case
+        assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(g_chunked, g_full)), case
+        assert any(g.abs().sum() > 0 for g in g_chunked) and all(p.grad is None for p in teacher.parameters())
+        if metric == "sft":
+            break  # SFT has no teacher and no temperature
+    student.zero_grad(set_to_none=True)
+
+
+def test_a_head_the_chunked_loss_cannot_reproduce_is_refused(student, prompts):
+    """Cohere scales its logits after the output embedding (logit_scale): as a teacher of a rollout or as a student
+    of the loss it is refused with a line, never used to compute a different loss."""
+    torch.manual_seed(0)
+    cohere = CohereForCausalLM(CohereConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, logit_scale=0.5,
+                                            pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS)).eval()
+    with pytest.raises(ValueError, match="CohereForCausalLM computes its logits otherwise"):
+        run(student, cohere, prompts, "adaswitch")
+    ro = run(student, None, prompts, "student")
+    with pytest.raises(ValueError, match="CohereForCausalLM computes its logits otherwise"):
+        A.sequence_loss(cohere, None, ro)
+    assert torch.equal(run(cohere, None, prompts, "student").sequences,  # generation needs no head of ours
+                       cohere.generate(input_ids=prompts[0], attention_mask=prompts[1], do_sample=False, max_new_tokens=N, pad_token_id=PAD, eos_token_id=None))
+
+
+class LargestVocabTensor(TorchDispatchMode):
+    """Records the largest memory (elements of storage, so views count as what they view) held by a tensor whose last
+    dimension is the vocabulary, over every operation, the backward pass too."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.largest = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == self.vocab:
+                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("method", ["sft", "supervised_kd", "on_policy", "adaswitch"])
+def test_no_tensor_of_the_batchs_logits_is_ever_made_or_kept(method):
+    """One training step (rollout, loss, backward, update) makes no tensor of B x N x V or more: logits exist for a
+    chunk of 64 tokens at a time, out of B x N = 96 here (the unchunked loss made [B, N, V], 96 x V); and what autograd
+    keeps for the backward pass holds no logits at all (the chunks' are recomputed), so chunks do not add up."""
+    vocab, batch, new = 97, 4, 24
+    student, teacher = tiny_gpt2(vocab, seed=0), tiny_gpt2(vocab, seed=1).requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    examples = [{"prompt": torch.randint(3, vocab, (5,), generator=gen).tolist(),
+                 "response": torch.randint(3, vocab, (new,), generator=gen).tolist(), "reference": ""}
+                for _ in range(batch)]
+    args = A.parse_args(["--method", method, "--max-steps", "1", "--batch-size", str(batch), "--max-new-tokens",
+                         str(new), "--k", "1.2", "--window", "2"])
+    kept, weights = [], {p.untyped_storage().data_ptr() for m in (student, teacher) for p in m.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:  # the weights' [H, V] views are kept too, and are no logits
+        logits = t.dim() and t.shape[-1] == vocab and t.untyped_storage().data_ptr() not in weights
+        kept.append(t.numel() if logits else 0)
+        return t
+    with LargestVocabTensor(vocab) as watch, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        A.train(student, teacher, A.batch_stream(examples, batch, PAD, "cpu", seed=0), args, A.char_tokenizer(), [])
+    assert 64 * vocab <= watch.largest < batch * new * vocab
+    assert len(kept) > 10 and sum(kept) < batch * vocab  # at most a logit row per sequence (the head check's)
 
 
 def test_statistics_count_measured_zero_divergences():
@@ -697,7 +812,7 @@ def test_the_method_block_runs_alone(tmp_path):
     marks = [i for i, line in enumerate(lines) if re.fullmatch(r"# =+ .* =+", line)]
     assert len(marks) == 2 and "the method" in lines[marks[0]] and "end of the method" in lines[marks[1]]
     block = "\n".join(lines[marks[0]:marks[1] + 1])
-    assert len(block.splitlines()) <= 250
+    assert len(block.splitlines()) <= 280
     check = """
 from transformers import GPT2Config, GPT2LMHeadModel
 def tiny(seed, width):
@@ -1449,9 +1564,9 @@ def test_overwrite_replaces_the_run_and_a_default_folder_is_new(saved, tmp_path,
     assert A.parse_args(["--method", "sft"]).output_dir == "runs/sft-toy-0-20261202-150000"
 
 
-def test_teacher_logits_are_freed_before_the_next_micro_batch(teacher, monkeypatch):
-    """With --grad-accum 3, when a micro-batch's rollout starts, no earlier micro-batch's [B, N, V] teacher logits are
-    alive: memory does not grow with --grad-accum."""
+def test_teacher_hidden_states_are_freed_before_the_next_micro_batch(teacher, monkeypatch):
+    """With --grad-accum 3, when a micro-batch's rollout starts, no earlier micro-batch's [B, N, H] teacher hidden
+    states are alive: memory does not grow with --grad-accum."""
     import weakref
     student = tiny_gpt2(V, seed=0)
     alive_at_start, kept = [], []
@@ -1460,7 +1575,7 @@ def test_teacher_logits_are_freed_before_the_next_micro_batch(teacher, monkeypat
     def watched(*args, **kwargs):
         alive_at_start.append(sum(ref() is not None for ref in kept))
         seq = make(*args, **kwargs)
-        kept.append(weakref.ref(seq.teacher_logits))
+        kept.append(weakref.ref(seq.teacher_hidden))
         return seq
     monkeypatch.setattr(A, "make_sequences", watched)
     gen = torch.Generator().manual_seed(0)
