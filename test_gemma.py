@@ -151,3 +151,40 @@ def test_one_cli_step_trains_saves_and_the_student_loads_and_generates(pair, tok
     assert out.shape == (1, batch["input_ids"].shape[1] + 4)
     assert tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     shutil.rmtree(tmp_path)  # a GB or more of student (and checkpoint) that pytest would keep for three sessions
+
+
+def test_chunked_loss_equals_the_full_logits_loss_on_the_real_pair(student, teacher, tokenizer, prompts):
+    """On the real pair (262,144 ids, tied embedding, Gemma 3's head): sequence_loss a chunk of 5 tokens at a time ==
+    distill_loss of whole [B, N, V] logits, with the rollout's teacher hidden states and with a teacher forward, and
+    SFT == the NLL; the student's gradient on the embedding (its largest tensor, the head's too) likewise."""
+    ro = A.rollout(student, teacher, *prompts, "adaswitch", max_new_tokens=8, do_sample=False, window=2, k=0.0,
+                   eos_token_id=[1], pad_token_id=tokenizer.pad_token_id)
+    assert ro.from_teacher.any() and ro.teacher_hidden is not None
+    n, mask = ro.completion_mask.shape[1], ro.completion_mask
+    inputs = dict(input_ids=ro.sequences, attention_mask=ro.attention_mask,
+                  position_ids=A.position_ids(ro.attention_mask))
+    with torch.no_grad():
+        t = A.completion_logits(teacher(**inputs).logits, n)                               # [B, N, V]
+    embedding = student.get_input_embeddings().weight
+    full_kl = lambda: A.distill_loss(A.completion_logits(student(**inputs).logits, n), t, mask)  # noqa: E731
+    # cross_entropy over [B*N, V] rows: over [B, V, N] (transposed) it is off by 3e-4 here, against float64
+    full_nll = lambda: (torch.nn.functional.cross_entropy(                                       # noqa: E731
+        A.completion_logits(student(**inputs).logits, n).flatten(0, 1), ro.sequences[:, -n:].flatten(),
+        reduction="none") * mask.flatten()).sum() / mask.sum()
+    forward = A.Rollout(**{**vars(ro), "teacher_hidden": None})  # the loss runs the teacher itself
+    cases = {"kept hidden": (lambda: A.sequence_loss(student, teacher, ro, chunk_size=5), full_kl),
+             "teacher forward": (lambda: A.sequence_loss(student, teacher, forward, chunk_size=5), full_kl),
+             "sft": (lambda: A.sequence_loss(student, None, ro, chunk_size=5), full_nll)}
+    try:
+        for case, (chunked, full) in cases.items():
+            results = []
+            for loss in (chunked, full):
+                student.zero_grad(set_to_none=True)
+                value = loss()
+                value.backward()
+                results.append((value.detach(), embedding.grad.clone()))
+            (a, grad_a), (b, grad_b) = results
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=case)
+            torch.testing.assert_close(grad_a, grad_b, rtol=1e-3, atol=1e-6, msg=case)
+    finally:
+        student.zero_grad(set_to_none=True)
