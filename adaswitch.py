@@ -257,18 +257,7 @@ def sequence_loss(student, teacher, seq: Rollout, metric: str = "fkl", beta: flo
 # ========================================== end of the method ==========================================
 
 # The program: flags, training loop, evaluation, data, main. It calls the method above as any caller would.
-import csv
-import hashlib
-import io
-import itertools
-import json
-import os
-import random
-import re
-import shutil
-import sys
-import time
-import zlib
+import csv, hashlib, io, itertools, json, os, random, re, shutil, sys, time, zlib  # noqa: E401
 from argparse import ArgumentError, RawDescriptionHelpFormatter
 from dataclasses import asdict, field, replace
 from pathlib import Path
@@ -549,8 +538,8 @@ def load_rows(args: Args) -> tuple[list[dict], list[dict]]:
     train = text_rows(splits["train"], prompt_field, response_field, args.dataset)
     if "test" in splits:
         test = text_rows(splits["test"], prompt_field, response_field, f"{args.dataset} (test)")
-    else:  # one local file: a tenth of it, at most --eval-samples rows, held out the same way whatever --seed
-        n, train = min(args.eval_samples, max(1, len(train) // 10)), random.Random(0).sample(train, len(train))
+    else:  # one local file: a tenth of it (at most 1000 rows) held out, the same rows whatever --seed, --eval-samples
+        n, train = min(1000, max(1, len(train) // 10)), random.Random(0).sample(train, len(train))
         test, train = train[:n], train[n:]
     require(train and test, f"--dataset {args.dataset} gave {len(train)} train and {len(test)} test examples")
     return train, test[:args.eval_samples]
@@ -780,25 +769,24 @@ def open_run(args: Args, out: Path) -> dict | None:
     return {**state, "student": path.parent / "student"}
 
 def teacher_score(teacher, tokenizer, batches: list[dict], args: Args, score: str, stop: list[int]) -> float:
-    """The teacher's evaluate() score, kept in --teacher-cache/<key>.json for later runs. The key hashes all the score
-    depends on: the teacher (its folder's files, sizes and times, or hub id and revision), --dtype, the device, the
-    test batches (ids after templates and cuts, padding, references), --max-new-tokens, the score, the stop ids, this
-    file and the library versions. Any change is another key, so the teacher is scored again."""
-    folder, device = Path(args.teacher).expanduser(), next(teacher.parameters()).device.type
-    files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*")) if p.is_file()]
-    key = [str(folder.resolve()) if folder.is_dir() else args.teacher, getattr(teacher.config, "_commit_hash", None),
-           files, args.dtype, device, args.max_new_tokens, score, stop, torch.__version__, transformers_version,
-           hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
-           [[b[name].tolist() for name in ("prompt_ids", "prompt_mask")] + [b["references"]] for b in batches]]
-    path = Path(args.teacher_cache) / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]}.json"
-    if path.is_file():
-        print(f"teacher score {path.read_text()} from {path}: same teacher, test examples and evaluation")
-        return float(path.read_text())
-    value = evaluate(teacher, tokenizer, batches, args, score, stop, "eval teacher")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".partial").write_text(json.dumps(value))
-    os.replace(path.with_suffix(".partial"), path)
-    return value
+    """The teacher's evaluate() score, kept in --teacher-cache/<key> for later runs. The key hashes all it depends on:
+    the teacher (hub id and revision, or its folder's files, sizes and times), --dtype, the device, the test batches
+    (ids after templates and cuts, padding, references), --max-new-tokens, the score, the stop ids, this file and the
+    library versions: any change is another key, hence a new evaluation."""
+    folder = Path(args.teacher).expanduser()
+    files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*"))]
+    key = [args.teacher, getattr(teacher.config, "_commit_hash", None), files, args.dtype, str(teacher.device),
+           args.max_new_tokens, score, stop, torch.__version__, transformers_version, Path(__file__).read_text(),
+           [[b["prompt_ids"].tolist(), b["prompt_mask"].tolist(), b["references"]] for b in batches]]
+    path = Path(args.teacher_cache) / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
+    if not path.is_file():  # written whole, then renamed: a killed run leaves no half-written score
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".partial").write_text(str(evaluate(teacher, tokenizer, batches, args, score, stop,
+                                                             "eval teacher")))
+        os.replace(path.with_suffix(".partial"), path)
+    else:
+        print(f"teacher: the score of an earlier run on the same test examples, kept in {path}")
+    return float(path.read_text())
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
@@ -840,9 +828,9 @@ def main(argv: list[str] | None = None) -> dict:
     show = lambda key, form=".2f": "n/a" if summary[key] is None else format(summary[key], form)  # noqa: E731
     print(f"{args.method} on {args.dataset}, {args.max_steps} steps ({score} score on {len(test_rows)} test examples)")
     print(f"  teacher        {show('teacher', '.3f')}\n  student        {show('student_before', '.3f')} -> "
-          f"{show('student_after', '.3f')}\n  loss           {show('loss', '.4f')}   divergence {show('divergence', '.4f')}")
-    print(f"  switch rate    {show('switch_rate')}   switch step {show('switch_pos', '.1f')}   teacher tokens "
-          f"{show('teacher_frac')}   completion {show('completion_len', '.1f')} tokens")
+          f"{show('student_after', '.3f')}\n  loss           {show('loss', '.4f')}   divergence "
+          f"{show('divergence', '.4f')}   completion {show('completion_len', '.1f')} tokens\n  switch rate    "
+          f"{show('switch_rate')}   switch step {show('switch_pos', '.1f')}   teacher tokens {show('teacher_frac')}")
     print(f"  time           {summary['train_seconds']:.0f} s training, {summary['total_seconds']:.0f} s in all")
     return summary
 
