@@ -769,12 +769,11 @@ def open_run(args: Args, out: Path) -> dict | None:
     return {**state, "student": path.parent / "student"}
 
 def teacher_score(teacher, tokenizer, batches: list[dict], args: Args, score: str, stop: list[int]) -> float:
-    """The teacher's evaluate() score, kept in --teacher-cache/<key> for later runs. The key hashes all it depends on:
-    the teacher (hub id and revision, or its folder's files, sizes and times), --dtype, the device, the test batches
-    (ids after templates and cuts, padding, references), --max-new-tokens, the score, the stop ids, this file and the
-    library versions: any change is another key, hence a new evaluation."""
-    folder = Path(args.teacher).expanduser()
-    files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*"))]
+    """The teacher's evaluate() score, kept in --teacher-cache/<key> for later runs, the key a hash of all it depends
+    on: the teacher (hub id and revision, or its files, sizes and times), --dtype, the device, the test batches (ids
+    after templates and cuts, padding, references), --max-new-tokens, the score, the stop ids, this file, versions."""
+    files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
+             for p in sorted(Path(args.teacher).expanduser().glob("*"))]
     key = [args.teacher, getattr(teacher.config, "_commit_hash", None), files, args.dtype, str(teacher.device),
            args.max_new_tokens, score, stop, torch.__version__, transformers_version, Path(__file__).read_text(),
            [[b["prompt_ids"].tolist(), b["prompt_mask"].tolist(), b["references"]] for b in batches]]
@@ -811,9 +810,9 @@ def main(argv: list[str] | None = None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(asdict(given), indent=1))
         print(f"evaluating the teacher and the student on {len(test_rows)} test examples ({score} score)")
-        log.write_text(json.dumps({"step": 0, "teacher_score": teacher_score(teacher, tokenizer, test_batches, args,
-                                                                             score, stop),
-            "eval_score": evaluate(student, tokenizer, test_batches, args, score, stop, "eval student")}) + "\n")
+        before = {"teacher_score": teacher_score(teacher, tokenizer, test_batches, args, score, stop),
+                  "eval_score": evaluate(student, tokenizer, test_batches, args, score, stop, "eval student")}
+        log.write_text(json.dumps({"step": 0, **before}) + "\n")
     print(f"distilling: {args.method}, {args.max_steps} steps at lr {args.lr:g}, into {out}")
     totals = train(student, teacher, train_batches, args, tokenizer, stop, test_batches, score, out, state)
     save_pretrained(out / "student", student, tokenizer)
