@@ -294,7 +294,7 @@ class Args:
     response_field: str | None = arg(None, "response column of a local file (gsm8k: answer, dialogsum: summary)")
     chat_template: bool = arg(True, "wrap prompts in the tokenizer's chat template when it has one")
     max_prompt_len: int = arg(512, "prompts longer than this are cut from the left")
-    max_new_tokens: int = arg(64, "completion length limit, for rollouts, labels and evaluation")
+    max_new_tokens: int | None = arg(None, "completion length limit (rollouts, labels, eval); None: 256 gsm8k, 64")
     eval_samples: int = arg(500, "test examples used for evaluation")
     score: Literal["auto", "number", "rouge", "exact"] = arg("auto", "final number, ROUGE-L, exact; auto: by task")
     toy_digits: int = arg(3, "toy task: digits per operand")
@@ -351,6 +351,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
         args.toy_teacher_steps = 3000 if args.dataset == "toy_summary" else 600
     if args.lr is None:  # tiny models learn from scratch at 5e-4; one such step wrecks a pretrained model
         args.lr = 5e-4 if args.teacher is None else 1e-5
+    if args.max_new_tokens is None:  # GSM8K's worked answers often run past 64 tokens, and unfinished ones score 0
+        args.max_new_tokens = 256 if args.dataset == "gsm8k" else 64
     for need, ok, names in ((">= 1", lambda v: v >= 1, "max_steps batch_size grad_accum max_new_tokens max_prompt_len "
                                                     "eval_samples skd_top_k log_every save_every toy_digits"),
                             (">= 0", lambda v: 0 <= v < math.inf, "seed eval_every toy_teacher_steps toy_student_steps "

@@ -1530,33 +1530,51 @@ REPORT = [("teacher", "teacher", ".3f"), ("student", "student_before", ".3f"), (
           ("teacher tokens", "teacher_frac", ".2f")]
 
 
-@pytest.mark.parametrize("steps", [1, 2, 11])
-@pytest.mark.parametrize("method", METHODS)
-def test_short_runs_with_default_intervals_end_with_a_summary_and_a_report(saved, tmp_path, method, steps):
-    """The README's command with the default --log-every 10, --eval-every 0 and --save-every 100: runs shorter than
-    every interval and one past --log-every exit 0, print what summary.json holds (n/a where a statistic has no value,
-    as SFT's divergence), log the last step with the final score, keep one checkpoint, and save quietly."""
-    out = tmp_path / "run"
-    command = [sys.executable, str(SCRIPT), "--teacher", str(saved / "teacher"), "--student", str(saved / "student"),
-               "--dataset", str(saved / "data.jsonl"), "--prompt-field", "question", "--response-field", "answer",
-               "--method", method, "--max-steps", str(steps), "--batch-size", "4", "--max-new-tokens", "8",
-               "--eval-samples", "2", "--skd-top-k", "3", "--output-dir", str(out),
-               "--teacher-cache", str(tmp_path / "scores")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert "Writing model shards" not in result.stdout + result.stderr
+def short_run(saved: Path, out: Path, method: str, steps: int) -> list[str]:
+    """The README's command shape on the saved pair, with the default --log-every, --eval-every and --save-every."""
+    return ["--teacher", str(saved / "teacher"), "--student", str(saved / "student"), "--dataset",
+            str(saved / "data.jsonl"), "--prompt-field", "question", "--response-field", "answer", "--method", method,
+            "--max-steps", str(steps), "--batch-size", "4", "--max-new-tokens", "8", "--eval-samples", "2",
+            "--skd-top-k", "3", "--output-dir", str(out), "--teacher-cache", str(out.parent / "scores")]
+
+
+def check_the_end(out: Path, printed: str, method: str, steps: int):
+    """The report prints what summary.json holds (n/a where a statistic has no value), the last step is logged with
+    the final score, one checkpoint is kept, and saving printed no progress bars."""
+    assert "Writing model shards" not in printed
     summary = json.loads((out / "summary.json").read_text())
-    report = result.stdout[result.stdout.index(f"{method} on "):]
+    report = printed[printed.index(f"{method} on "):]
     for label, key, form in REPORT:
         shown = "n/a" if summary[key] is None else format(summary[key], form)
         assert re.search(rf"(^|\s){re.escape(label)}\s+{re.escape(shown)}(\s|$)", report, re.M), (label, shown)
     assert summary["loss"] > 0 and summary["completion_len"] > 0 and summary["switch_rate"] is not None
-    if method in ("sft", "supervised_kd", "off_policy", "on_policy"):  # both models never ran on the same prefix
+    if method in ("sft", "supervised_kd", "off_policy", "on_policy"):  # both models never ran on one prefix
         assert summary["divergence"] is None and re.search(r"divergence\s+n/a", report)
     records = logged(out)
     assert [r["step"] for r in records] == ([10, 11] if steps == 11 else [steps])
     assert records[-1]["eval_score"] == summary["student_after"]  # the final evaluation, once
     assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{steps}"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_runs_past_log_every_end_with_a_summary_and_a_report_through_the_cli(saved, tmp_path, method):
+    """11 steps with the default intervals (one past --log-every 10, fewer than --save-every 100, --eval-every 0):
+    exit code 0, no traceback, the report and summary.json agree."""
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(SCRIPT), *short_run(saved, out, method, 11)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    check_the_end(out, result.stdout + result.stderr, method, 11)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("method", METHODS)
+def test_runs_shorter_than_every_interval_end_with_a_summary_and_a_report(saved, tmp_path, capfd, method, steps):
+    """1 and 2 steps, fewer than each default interval (no line logged before the last step): main() ends with the
+    report and summary.json agreeing, as the CLI above (in process, to keep the suite's time)."""
+    A.main(short_run(saved, tmp_path / "run", method, steps))
+    printed = capfd.readouterr()
+    check_the_end(tmp_path / "run", printed.out + printed.err, method, steps)
 
 
 def test_the_summary_is_over_every_step_whatever_the_logging(saved, tmp_path):
