@@ -294,7 +294,7 @@ class Args:
     response_field: str | None = arg(None, "response column of a local file (gsm8k: answer, dialogsum: summary)")
     chat_template: bool = arg(True, "wrap prompts in the tokenizer's chat template when it has one")
     max_prompt_len: int = arg(512, "prompts longer than this are cut from the left")
-    max_new_tokens: int | None = arg(None, "completion length limit (rollouts, labels, eval); None: 256 gsm8k, 64")
+    max_new_tokens: int | None = arg(None, "completion length limit; None: 256 for gsm8k, else 64")
     eval_samples: int = arg(500, "test examples used for evaluation")
     score: Literal["auto", "number", "rouge", "exact"] = arg("auto", "final number, ROUGE-L, exact; auto: by task")
     toy_digits: int = arg(3, "toy task: digits per operand")
