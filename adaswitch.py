@@ -768,6 +768,7 @@ def open_run(args: Args, out: Path) -> dict | None:
         state = torch.load(path := whole[-1])
     except Exception as error:  # any failure to read it: truncated, not a checkpoint, another format
         raise UsageError(f"--resume: {path} is damaged ({type(error).__name__}); start again (--overwrite)") from None
+    require("totals" in state, f"--resume: {path} is from an older adaswitch.py (no totals); start again (--overwrite)")
     return {**state, "student": path.parent / "student"}
 
 def teacher_score(teacher, tokenizer, batches: list[dict], args: Args, score: str, stop: list[int]) -> float:
