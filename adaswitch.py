@@ -315,17 +315,7 @@ def sequence_loss(student, teacher, seq: Rollout, metric: str = "fkl", beta: flo
 # ========================================== end of the method ==========================================
 
 # The program: flags, training loop, evaluation, data, main. It calls the method above as any caller would.
-import csv
-import io
-import itertools
-import json
-import os
-import random
-import re
-import shutil
-import sys
-import time
-import zlib
+import csv, hashlib, io, itertools, json, os, random, re, shutil, sys, time, zlib  # noqa: E401
 from argparse import ArgumentError, RawDescriptionHelpFormatter
 from dataclasses import asdict, field, replace
 from pathlib import Path
@@ -337,7 +327,7 @@ from tqdm import tqdm
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, HfArgumentParser,
                           PreTrainedTokenizerFast, get_linear_schedule_with_warmup)
-from transformers import logging as hf_logging
+from transformers import __version__ as transformers_version, logging as hf_logging
 
 # --- Arguments: one dataclass; `--help` lists every field with its default.
 def arg(default, text: str):
@@ -353,6 +343,7 @@ class Args:
     dtype: Literal["float32", "bfloat16"] = arg("float32", "teacher weights (student: float32; on GPU: bf16 autocast)")
     log_every: int = arg(10, "steps between lines of metrics.jsonl")
     eval_every: int = arg(0, "steps between evaluations during training (0: only before and after)")
+    teacher_cache: str = arg("runs/teacher-scores", "teacher scores kept for later runs, keyed by all they depend on")
     # models and data
     teacher: str | None = arg(None, "teacher: hub id or local folder; None: the built-in toy teacher")
     student: str | None = arg(None, "student: hub id or local folder; None: the built-in toy student")
@@ -361,7 +352,7 @@ class Args:
     response_field: str | None = arg(None, "response column of a local file (gsm8k: answer, dialogsum: summary)")
     chat_template: bool = arg(True, "wrap prompts in the tokenizer's chat template when it has one")
     max_prompt_len: int = arg(512, "prompts longer than this are cut from the left")
-    max_new_tokens: int = arg(64, "completion length limit, for rollouts, labels and evaluation")
+    max_new_tokens: int | None = arg(None, "completion length limit; None: 256 for gsm8k, else 64")
     eval_samples: int = arg(500, "test examples used for evaluation")
     score: Literal["auto", "number", "rouge", "exact"] = arg("auto", "final number, ROUGE-L, exact; auto: by task")
     toy_digits: int = arg(3, "toy task: digits per operand")
@@ -374,7 +365,7 @@ class Args:
     max_steps: int = arg(300, "optimizer steps")
     batch_size: int = arg(32, "sequences per micro-batch (per process)")
     grad_accum: int = arg(1, "micro-batches per optimizer step")
-    lr: float = arg(5e-4, "peak learning rate of AdamW")
+    lr: float | None = arg(None, "peak learning rate of AdamW; None: 5e-4 for the toy models, 1e-5 for a --student")
     warmup_ratio: float = arg(0.1, "fraction of steps of linear warm-up, then linear decay to 0")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
@@ -416,6 +407,10 @@ def parse_args(argv: list[str] | None = None) -> Args:
         args.skd_top_k = 2 if args.teacher is None else 25
     if args.toy_teacher_steps is None:  # counting runs of letters takes longer to learn than adding digits
         args.toy_teacher_steps = 3000 if args.dataset == "toy_summary" else 600
+    if args.lr is None:  # tiny models learn from scratch at 5e-4; one such step wrecks a pretrained model
+        args.lr = 5e-4 if args.teacher is None else 1e-5
+    if args.max_new_tokens is None:  # GSM8K's worked answers often run past 64 tokens, and unfinished ones score 0
+        args.max_new_tokens = 256 if args.dataset == "gsm8k" else 64
     for need, ok, names in ((">= 1", lambda v: v >= 1, "max_steps batch_size grad_accum max_new_tokens max_prompt_len "
                                                     "eval_samples skd_top_k log_every save_every toy_digits"),
                             (">= 0", lambda v: 0 <= v < math.inf, "seed eval_every toy_teacher_steps toy_student_steps "
@@ -451,13 +446,17 @@ def make_sequences(batch: dict, student, teacher, args: Args, stop: list[int], p
                    pad_token_id=pad_token_id, generator=generator, **{name: getattr(args, name) for name in knobs})
 
 def sequence_stats(seqs: list[Rollout]) -> dict:
-    """The logged switch_rate, switch_pos, teacher_frac, divergence, completion_len (micro-batches' N may differ)."""
+    """(sum, count) of switch_rate, switch_pos, teacher_frac, divergence, completion_len over micro-batches (whose N
+    may differ): a step logs sum / count, the summary the sums over every step over the counts."""
     join = lambda key: torch.cat([getattr(s, key).flatten() for s in seqs])  # noqa: E731
     mask, switch_step, d = join("completion_mask").bool(), join("switch_step"), join("divergences")  # [sum B*N], [B]
-    mean = lambda x: x.float().mean().item() if x.numel() else None  # noqa: E731
-    return {"switch_rate": mean(switch_step >= 0), "switch_pos": mean(switch_step[switch_step >= 0]),
-            "teacher_frac": mean(join("from_teacher")[mask]), "divergence": mean(d[join("measured")]),
-            "completion_len": mean(torch.cat([s.completion_mask.sum(-1) for s in seqs]))}
+    pair = lambda x: (x.float().sum().item(), x.numel())  # noqa: E731
+    return {"switch_rate": pair(switch_step >= 0), "switch_pos": pair(switch_step[switch_step >= 0]),
+            "teacher_frac": pair(join("from_teacher")[mask]), "divergence": pair(d[join("measured")]),
+            "completion_len": (mask.sum().item(), switch_step.numel())}
+
+def ratio(total: float, count: int) -> float | None:
+    return total / count if count else None  # None: nothing to average (no row switched, SFT measures no d_i)
 
 # --- Evaluation: greedy completions of the test prompts, scored per task.
 def final_number(text: str) -> str | None:
@@ -599,8 +598,8 @@ def load_rows(args: Args) -> tuple[list[dict], list[dict]]:
     train = text_rows(splits["train"], prompt_field, response_field, args.dataset)
     if "test" in splits:
         test = text_rows(splits["test"], prompt_field, response_field, f"{args.dataset} (test)")
-    else:  # one local file: a tenth of it, at most --eval-samples rows, held out the same way whatever --seed
-        n, train = min(args.eval_samples, max(1, len(train) // 10)), random.Random(0).sample(train, len(train))
+    else:  # one local file: a tenth of it (at most 1000 rows) held out, the same rows whatever --seed, --eval-samples
+        n, train = min(1000, max(1, len(train) // 10)), random.Random(0).sample(train, len(train))
         test, train = train[:n], train[n:]
     require(train and test, f"--dataset {args.dataset} gave {len(train)} train and {len(test)} test examples")
     return train, test[:args.eval_samples]
@@ -655,21 +654,32 @@ def batch_stream(examples: list[dict], batch_size: int, pad_token_id: int, devic
         yield from loader
 
 # --- Training loop: AdamW steps on the method's sequences, a checkpoint every --save-every steps.
-def save_checkpoint(out: Path, step: int, student, tokenizer, optimizer, schedule):
-    """out/checkpoint-<step>: the student (a save_pretrained folder) and state.pt (optimizer, schedule, step). state.pt
-    is written last, by rename: a folder without it is an interrupted save; the last one is deleted only after."""
-    folder = out / f"checkpoint-{step}"
-    student.save_pretrained(folder / "student")
-    tokenizer.save_pretrained(folder / "student")
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
-               folder / "state.pt.partial")
+def save_pretrained(folder: Path, *parts) -> None:
+    hf_logging.disable_progress_bar()  # transformers' "Writing model shards" bars, hidden like its loading bars
+    for part in parts:  # the model and its tokenizer
+        part.save_pretrained(folder)
+
+def checkpoints(out: Path) -> list[Path]:
+    """The checkpoint-<step> folders this program wrote in out (a student/ or state.pt inside), oldest step first."""
+    ours = [p for p in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)
+            and ((p / "student").is_dir() or (p / "state.pt").is_file())]
+    return sorted(ours, key=lambda p: int(p.name.split("-")[1]))
+
+def save_checkpoint(out: Path, student, tokenizer, state: dict) -> None:
+    """out/checkpoint-<step>: the student (a save_pretrained folder) and state.pt (step, optimizer, schedule, totals).
+    state.pt is written last, by rename: a folder without it is an interrupted save; the older ones go only after."""
+    folder = out / f"checkpoint-{state['step']}"
+    save_pretrained(folder / "student", student, tokenizer)
+    torch.save(state, folder / "state.pt.partial")
     os.replace(folder / "state.pt.partial", folder / "state.pt")
-    for old in set(out.glob("checkpoint-*")) - {folder}:
+    for old in set(checkpoints(out)) - {folder}:
         shutil.rmtree(old)
 
 def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], test_batches: list[dict] | None = None,
-          score: str = "exact", out: Path | None = None, state: dict | None = None, desc: str = "distill") -> None:
-    """AdamW, linear warm-up and decay; each step: make the sequences, score them, clip, step; log and save into out."""
+          score: str = "exact", out: Path | None = None, state: dict | None = None, desc: str = "distill") -> dict:
+    """AdamW, linear warm-up and decay; each step: make the sequences, score them, clip, step; log and save into out;
+    the student is evaluated every --eval-every steps and after the last. Returns {statistic: [sum, count]} over every
+    step of the run (kept in checkpoints: a resumed run's totals are the whole run's), and the steps' seconds."""
     device = next(student.parameters()).device
     student.train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -679,7 +689,7 @@ def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], tes
         schedule.load_state_dict(state["schedule"])
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
     scorer = None if args.method == "sft" else teacher  # sequence_loss without a teacher: the log-likelihood (SFT)
-    first = 1 if state is None else state["step"] + 1
+    first, totals = (1, {}) if state is None else (state["step"] + 1, state["totals"])
     bar = tqdm(range(first, args.max_steps + 1), desc=desc, initial=first - 1, total=args.max_steps, leave=False,
                disable=not sys.stderr.isatty())
     for step in bar:
@@ -706,9 +716,12 @@ def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], tes
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step, "loss": loss.item(), **sequence_stats(seqs),
-                  "tokens_per_s": num_tokens.item() / (time.perf_counter() - start), "lr": schedule.get_last_lr()[0]}
-        if test_batches and args.eval_every and step % args.eval_every == 0:
+        stats, seconds = {"loss": (loss.item(), 1), **sequence_stats(seqs)}, time.perf_counter() - start
+        record = {"step": step, **{key: ratio(*pair) for key, pair in stats.items()},
+                  "tokens_per_s": num_tokens.item() / seconds, "lr": schedule.get_last_lr()[0]}
+        for key, pair in {**stats, "seconds": (seconds, 1)}.items():  # evaluations and saves are not training time
+            totals[key] = [a + b for a, b in zip(totals.get(key, (0, 0)), pair)]
+        if test_batches and (args.eval_every and step % args.eval_every == 0 or step == args.max_steps):
             record["eval_score"] = evaluate(student, tokenizer, test_batches, args, score, stop)
         shown = ("switch_rate", "teacher_frac") if args.method in ("adaswitch", "skd") else ()  # the rest is fixed
         bar.set_postfix(loss=f"{record['loss']:.3f}", **{key: f"{record[key]:.2f}" for key in shown})
@@ -716,7 +729,9 @@ def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], tes
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         if out is not None and (step % args.save_every == 0 or step == args.max_steps):
-            save_checkpoint(out, step, student, tokenizer, optimizer, schedule)
+            save_checkpoint(out, student, tokenizer, {"step": step, "optimizer": optimizer.state_dict(),
+                                                      "schedule": schedule.state_dict(), "totals": totals})
+    return totals
 
 # --- Main: the toy models of the default run, loading, the run's folder, evaluation, training, the report.
 def prepare_toy(args: Args, device) -> Args:
@@ -730,7 +745,7 @@ def prepare_toy(args: Args, device) -> Args:
     for name, shape, steps in (("teacher", dict(n_embd=128, n_layer=4, n_head=4), args.toy_teacher_steps),
                                ("student", dict(n_embd=64, n_layer=2, n_head=2), args.toy_student_steps)):
         path = Path(args.toy_dir) / f"{args.dataset}-{args.toy_digits}digits-{name}-{steps}steps"
-        if not (path / "config.json").exists():
+        if not path.is_dir():  # written whole under another name, then renamed: a killed save is not a cached model
             print(f"toy {name}: {steps} SFT steps, once; cached in {path}")
             torch.manual_seed(0)  # the same toy models whatever --seed, so runs with different seeds share a start
             config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,  # 1024 positions
@@ -738,8 +753,9 @@ def prepare_toy(args: Args, device) -> Args:
             model = GPT2LMHeadModel(config).to(device)
             batches = batch_stream(encode(rows, tokenizer, sft), sft.batch_size, tokenizer.pad_token_id, device, seed=0)
             train(model, None, batches, replace(sft, max_steps=steps), tokenizer, [], desc=f"toy {name} (SFT)")
-            model.save_pretrained(path)
-            tokenizer.save_pretrained(path)
+            shutil.rmtree(partial := path.with_name(path.name + ".partial"), ignore_errors=True)
+            save_pretrained(partial, model, tokenizer)
+            os.replace(partial, path)
         args = replace(args, **{name: str(path)})
     return args
 
@@ -751,16 +767,24 @@ def from_pretrained(auto, name: str, **kwargs):
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UsageError(f"cannot load {auto.__name__} from {name}: {str(error).strip().splitlines()[0]}") from None
 
+def tokenizer_files(name: str) -> tuple:
+    """(name, bytes) of a local folder's tokenizer files; () for a hub id, whose files are not here to compare."""
+    folder, pattern = Path(name).expanduser(), r"tokenizer.*|vocab.*|merges\.txt|.*_tokens.*|chat_template.*|.*\.model"
+    files = sorted(folder.glob("*")) if folder.is_dir() else []
+    return tuple((p.name, p.read_bytes()) for p in files if re.fullmatch(pattern, p.name))
+
 def load_models(args: Args, device, student_path: str | None = None):
     """The shared tokenizer, the frozen teacher, the student (from student_path when resuming), and args with
     --max-prompt-len capped so that prompt + completion fit the models' positions (else an IndexError inside torch)."""
-    tokenizers = [from_pretrained(AutoTokenizer, name) for name in (args.teacher, args.student)]
-    for name, tokenizer in zip((args.teacher, args.student), tokenizers):  # a folder without one: an empty one
+    same = tokenizer_files(args.teacher) == tokenizer_files(args.student) != ()  # then one of them is parsed
+    names = (args.student,) if same else (args.student, args.teacher)
+    tokenizers = [from_pretrained(AutoTokenizer, name) for name in names]
+    for name, tokenizer in zip(names, tokenizers):  # a folder without one: an empty one
         require(len(tokenizer.get_vocab()) > len(tokenizer.all_special_tokens), f"{name} has no tokenizer files")
     probe = "Distillation 101: 3 + 4 = 7, naïve café, 東京.\n"  # the same vocabulary and the same encoding
     require(len({(tuple(sorted(t.get_vocab().items())), tuple(t(probe)["input_ids"])) for t in tokenizers}) == 1,
             "the teacher's and the student's tokenizers differ (ids are compared one to one): use one family")
-    tokenizer = tokenizers[1]
+    tokenizer = tokenizers[0]
     tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.pad_token or tokenizer.eos_token
     teacher = from_pretrained(AutoModelForCausalLM, args.teacher, dtype=getattr(torch, args.dtype))
     # The student keeps float32 weights whatever --dtype: bf16 weights would round away most AdamW updates.
@@ -783,7 +807,7 @@ def open_run(args: Args, out: Path) -> dict | None:
     """None for a new run: refused where --output-dir holds a run, whose files (only those) --overwrite deletes. With
     --resume, the newest whole checkpoint (see save_checkpoint), once the run's flags are found the same."""
     ran = [p for p in (out / "args.json", out / "metrics.jsonl", out / "summary.json", out / "student",
-                       *out.glob("checkpoint-*")) if p.exists()]
+                       *checkpoints(out)) if p.exists()]
     if not args.resume:
         require(not ran or args.overwrite, f"{out} already holds a run: continue it with --resume, choose another "
                                            "--output-dir, or replace it with --overwrite")
@@ -793,16 +817,36 @@ def open_run(args: Args, out: Path) -> dict | None:
     require((out / "args.json").is_file(), f"--resume: {out} holds no run (args.json) to continue")
     saved = json.loads((out / "args.json").read_text())
     for name, value in asdict(args).items():  # all but these must be the run's
-        require(name in ("output_dir", "resume", "overwrite", "save_every", "log_every", "eval_every")
+        require(name in ("output_dir", "resume", "overwrite", "save_every", "log_every", "eval_every", "teacher_cache")
                 or saved.get(name) == value, f"--resume: --{name.replace('_', '-')} is {value} here but "
                 f"{saved.get(name)} in the run in {out}; resume with the run's flags")
-    whole = sorted(out.glob("checkpoint-*/state.pt"), key=lambda p: p.stat().st_mtime)
+    whole = [p / "state.pt" for p in checkpoints(out) if (p / "state.pt").is_file()]  # by step: a kill can leave two
     require(whole, f"--resume: {out} holds no whole checkpoint (checkpoint-<step>/state.pt); start again (--overwrite)")
     try:
         state = torch.load(path := whole[-1])
     except Exception as error:  # any failure to read it: truncated, not a checkpoint, another format
         raise UsageError(f"--resume: {path} is damaged ({type(error).__name__}); start again (--overwrite)") from None
+    require("totals" in state, f"--resume: {path} is from an older adaswitch.py (no totals); start again (--overwrite)")
     return {**state, "student": path.parent / "student"}
+
+def teacher_score(teacher, tokenizer, batches: list[dict], args: Args, score: str, stop: list[int]) -> float:
+    """The teacher's evaluate() score, kept in --teacher-cache/<key> for later runs, the key a hash of all it depends
+    on: the teacher (hub id and revision, or its files, sizes and times), --dtype, the device, the test batches (ids
+    after templates and cuts, padding, references), --max-new-tokens, the score, the stop ids, this file, versions."""
+    files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
+             for p in sorted(Path(args.teacher).expanduser().glob("*"))]
+    key = [args.teacher, getattr(teacher.config, "_commit_hash", None), files, args.dtype, str(teacher.device),
+           args.max_new_tokens, score, stop, torch.__version__, transformers_version, Path(__file__).read_text(),
+           [[b["prompt_ids"].tolist(), b["prompt_mask"].tolist(), b["references"]] for b in batches]]
+    path = Path(args.teacher_cache) / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
+    if not path.is_file():  # written whole, then renamed: a killed run leaves no half-written score
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".partial").write_text(str(evaluate(teacher, tokenizer, batches, args, score, stop,
+                                                             "eval teacher")))
+        os.replace(path.with_suffix(".partial"), path)
+    else:
+        print(f"teacher: the score of an earlier run on the same test examples, kept in {path}")
+    return float(path.read_text())
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
@@ -819,6 +863,7 @@ def main(argv: list[str] | None = None) -> dict:
     auto = {"toy": "number", "toy_summary": "rouge", "gsm8k": "number", "dialogsum": "rouge"}.get(args.dataset)
     score, log = args.score if args.score != "auto" else auto or "exact", out / "metrics.jsonl"
     if state is not None:  # metrics.jsonl continues from the checkpoint, the data after the batches it used
+        print(f"resuming from step {state['step']} of {out}")
         train_batches = itertools.islice(train_batches, state["step"] * args.grad_accum, None)
         records = [r for r in map(json.loads, log.read_text().splitlines()) if r["step"] <= state["step"]]
         log.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -826,29 +871,27 @@ def main(argv: list[str] | None = None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(asdict(given), indent=1))
         print(f"evaluating the teacher and the student on {len(test_rows)} test examples ({score} score)")
-        log.write_text(json.dumps({
-            "step": 0, "teacher_score": evaluate(teacher, tokenizer, test_batches, args, score, stop, "eval teacher"),
-            "eval_score": evaluate(student, tokenizer, test_batches, args, score, stop, "eval student")}) + "\n")
-    print(f"distilling: {args.method}, {args.max_steps} steps, into {out}")
-    train_started = time.perf_counter()
-    train(student, teacher, train_batches, args, tokenizer, stop, test_batches, score, out, state)
-    train_time = time.perf_counter() - train_started
-    after = evaluate(student, tokenizer, test_batches, args, score, stop, "eval student")
-    student.save_pretrained(out / "student")
-    tokenizer.save_pretrained(out / "student")
-    records = [json.loads(line) for line in log.read_text().splitlines()]  # the means are over the logged steps
-    mean = lambda key: sum(v) / len(v) if (v := [r[key] for r in records if r.get(key) is not None]) else None  # noqa
-    summary = {"method": args.method, "dataset": args.dataset, "score": score, "teacher": records[0]["teacher_score"],
-               "student_before": records[0]["eval_score"], "student_after": after, "train_seconds": train_time,
-               "seconds_per_step": train_time / (args.max_steps - (state["step"] if state else 0)),
-               **{key: mean(key) for key in ("switch_rate", "switch_pos", "teacher_frac", "divergence",
-                                             "completion_len")},
+        before = {"teacher_score": teacher_score(teacher, tokenizer, test_batches, args, score, stop),
+                  "eval_score": evaluate(student, tokenizer, test_batches, args, score, stop, "eval student")}
+        log.write_text(json.dumps({"step": 0, **before}) + "\n")
+    print(f"distilling: {args.method}, {args.max_steps} steps at lr {args.lr:g}, into {out}")
+    totals = train(student, teacher, train_batches, args, tokenizer, stop, test_batches, score, out, state)
+    save_pretrained(out / "student", student, tokenizer)
+    first, *_, last = [json.loads(line) for line in log.read_text().splitlines()]  # the last: the final evaluation
+    summary = {"method": args.method, "dataset": args.dataset, "score": score, "teacher": first["teacher_score"],
+               "student_before": first["eval_score"], "student_after": last["eval_score"],
+               **{key: ratio(*totals[key]) for key in ("loss", "switch_rate", "switch_pos", "teacher_frac",
+                                                       "divergence", "completion_len")},
+               "train_seconds": totals["seconds"][0], "seconds_per_step": ratio(*totals["seconds"]),
                "total_seconds": time.perf_counter() - started, "args": asdict(given)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    show = lambda key, form=".2f": "n/a" if summary[key] is None else format(summary[key], form)  # noqa: E731
     print(f"{args.method} on {args.dataset}, {args.max_steps} steps ({score} score on {len(test_rows)} test examples)")
-    print(f"  teacher        {summary['teacher']:.3f}\n  student        {summary['student_before']:.3f} -> {after:.3f}")
-    print(f"  switch rate    {summary['switch_rate']:.2f}   teacher tokens {summary['teacher_frac']:.2f}")
-    print(f"  time           {train_time:.0f} s training, {summary['total_seconds']:.0f} s in all")
+    print(f"  teacher        {show('teacher', '.3f')}\n  student        {show('student_before', '.3f')} -> "
+          f"{show('student_after', '.3f')}\n  loss           {show('loss', '.4f')}   divergence "
+          f"{show('divergence', '.4f')}   completion {show('completion_len', '.1f')} tokens\n  switch rate    "
+          f"{show('switch_rate')}   switch step {show('switch_pos', '.1f')}   teacher tokens {show('teacher_frac')}")
+    print(f"  time           {summary['train_seconds']:.0f} s training, {summary['total_seconds']:.0f} s in all")
     return summary
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@ CPU only, tiny random GPT-2 models saved to tmp_path.
 """
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -811,7 +813,8 @@ def test_statistics_count_measured_zero_divergences():
                     from_teacher=torch.tensor([[False, False, True]]), switch_step=torch.tensor([2]),
                     divergences=torch.tensor([[0.0, 3.0, 0.0]]), measured=torch.tensor([[True, True, False]]))
     stats = A.sequence_stats([seq])
-    assert stats["divergence"] == 1.5 and stats["switch_pos"] == 2 and stats["teacher_frac"] == pytest.approx(1 / 3)
+    mean = {key: A.ratio(*pair) for key, pair in stats.items()}
+    assert mean["divergence"] == 1.5 and mean["switch_pos"] == 2 and mean["teacher_frac"] == pytest.approx(1 / 3)
 
 
 def test_the_method_block_runs_alone(tmp_path):
@@ -879,7 +882,8 @@ def cli_args(saved: Path, out: Path, *extra: str) -> list[str]:
     return ["--teacher", str(saved / "teacher"), "--student", str(saved / "student"),
             "--dataset", str(saved / "data.jsonl"), "--prompt-field", "question", "--response-field", "answer",
             "--max-steps", "2", "--batch-size", "4", "--max-new-tokens", "8", "--eval-samples", "4",
-            "--log-every", "1", "--window", "2", "--skd-top-k", "3", "--output-dir", str(out), *extra]
+            "--log-every", "1", "--window", "2", "--skd-top-k", "3", "--output-dir", str(out),
+            "--teacher-cache", str(saved / "teacher-scores"), *extra]
 
 
 def logged(out: Path, start: bool = False) -> list[dict]:
@@ -1536,8 +1540,10 @@ def test_a_killed_run_resumes_to_the_same_student(saved, tmp_path):
 
 
 def test_a_non_finite_loss_stops_before_the_update(saved, tmp_path, monkeypatch):
-    """A NaN loss at step 3 stops the run with one line naming the step; the step-2 checkpoint stays, no step-3 one."""
-    loss, calls = A.sequence_loss, []
+    """A NaN loss at step 3 stops the run with one line naming the step; the step-2 checkpoint stays, no step-3 one, and
+    the student in memory is still the step-2 student (the NaN gradient never reached the weights)."""
+    loss, calls, load, loaded = A.sequence_loss, [], A.load_models, []
+    monkeypatch.setattr(A, "load_models", lambda *args, **kwargs: loaded.append(load(*args, **kwargs)) or loaded[-1])
 
     def nan_at_step_3(*args, **kwargs):
         calls.append(1)
@@ -1547,6 +1553,8 @@ def test_a_non_finite_loss_stops_before_the_update(saved, tmp_path, monkeypatch)
         A.main(cli_args(saved, tmp_path, "--method", "on_policy", "--max-steps", "4", "--save-every", "1"))
     assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-2"]
     assert (tmp_path / "checkpoint-2" / "state.pt").exists()
+    in_memory, step_2 = loaded[0][3].state_dict(), weights(tmp_path / "checkpoint-2" / "student")
+    assert all(torch.equal(in_memory[name], step_2[name]) for name in step_2)
 
 
 def test_nan_weights_are_refused_at_load(saved, tmp_path):
@@ -1636,3 +1644,246 @@ def test_no_test_prompt_is_in_the_toy_training_data(task):
     train, test = A.toy_rows(task, 3, 3000)
     assert len(test) == 3000 and not {r["prompt"] for r in train} & {r["prompt"] for r in test}
     assert A.toy_rows(task, 3, 10) == (train, test[:10])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Every run ends well: short runs with the default intervals, summaries over every step, no repeated work, nothing
+# half-written taken for done, a hold-out that ignores --eval-samples (issue 18).
+
+REPORT = [("teacher", "teacher", ".3f"), ("student", "student_before", ".3f"), ("->", "student_after", ".3f"),
+          ("loss", "loss", ".4f"), ("divergence", "divergence", ".4f"), ("completion", "completion_len", ".1f"),
+          ("switch rate", "switch_rate", ".2f"), ("switch step", "switch_pos", ".1f"),
+          ("teacher tokens", "teacher_frac", ".2f")]
+
+
+def short_run(saved: Path, out: Path, method: str, steps: int) -> list[str]:
+    """The README's command shape on the saved pair, with the default --log-every, --eval-every and --save-every."""
+    return ["--teacher", str(saved / "teacher"), "--student", str(saved / "student"), "--dataset",
+            str(saved / "data.jsonl"), "--prompt-field", "question", "--response-field", "answer", "--method", method,
+            "--max-steps", str(steps), "--batch-size", "4", "--max-new-tokens", "8", "--eval-samples", "2",
+            "--skd-top-k", "3", "--output-dir", str(out), "--teacher-cache", str(out.parent / "scores")]
+
+
+def check_the_end(out: Path, printed: str, method: str, steps: int):
+    """The report prints what summary.json holds (n/a where a statistic has no value), the last step is logged with
+    the final score, one checkpoint is kept, and saving printed no progress bars."""
+    assert "Writing model shards" not in printed
+    summary = json.loads((out / "summary.json").read_text())
+    report = printed[printed.index(f"{method} on "):]
+    for label, key, form in REPORT:
+        shown = "n/a" if summary[key] is None else format(summary[key], form)
+        assert re.search(rf"(^|\s){re.escape(label)}\s+{re.escape(shown)}(\s|$)", report, re.M), (label, shown)
+    assert summary["loss"] > 0 and summary["completion_len"] > 0 and summary["switch_rate"] is not None
+    if method in ("sft", "supervised_kd", "off_policy", "on_policy"):  # both models never ran on one prefix
+        assert summary["divergence"] is None and re.search(r"divergence\s+n/a", report)
+    records = logged(out)
+    assert [r["step"] for r in records] == ([10, 11] if steps == 11 else [steps])
+    assert records[-1]["eval_score"] == summary["student_after"]  # the final evaluation, once
+    assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{steps}"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_runs_past_log_every_end_with_a_summary_and_a_report_through_the_cli(saved, tmp_path, method):
+    """11 steps with the default intervals (one past --log-every 10, fewer than --save-every 100, --eval-every 0):
+    exit code 0, no traceback, the report and summary.json agree."""
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(SCRIPT), *short_run(saved, out, method, 11)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    check_the_end(out, result.stdout + result.stderr, method, 11)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("method", METHODS)
+def test_runs_shorter_than_every_interval_end_with_a_summary_and_a_report(saved, tmp_path, capfd, method, steps):
+    """1 and 2 steps, fewer than each default interval (no line logged before the last step): main() ends with the
+    report and summary.json agreeing, as the CLI above (in process, to keep the suite's time)."""
+    A.main(short_run(saved, tmp_path / "run", method, steps))
+    printed = capfd.readouterr()
+    check_the_end(tmp_path / "run", printed.out + printed.err, method, steps)
+
+
+def test_the_summary_is_over_every_step_whatever_the_logging(saved, tmp_path):
+    """The summary's statistics weigh every step trained (rows, switched rows, completion tokens, measured steps), so
+    --log-every 1 and --log-every 10 give the same summary, which the per-step records of the first reproduce."""
+    flags = ["--method", "adaswitch", "--max-steps", "6", "--max-new-tokens", "12", "--k", "1.0"]
+    every = A.main(cli_args(saved, tmp_path / "every", *flags))
+    sparse = A.main(cli_args(saved, tmp_path / "sparse", *flags, "--log-every", "10"))
+    timing = ("train_seconds", "seconds_per_step", "total_seconds", "args")
+    assert {k: v for k, v in every.items() if k not in timing} == {k: v for k, v in sparse.items() if k not in timing}
+    assert [r["step"] for r in logged(tmp_path / "sparse")] == [6]
+    records = logged(tmp_path / "every")
+    assert len({r["loss"] for r in records}) == 6 and len({r["teacher_frac"] for r in records}) > 1  # teeth
+    rows = 4  # --batch-size: every step trains as many rows
+    switched = [r["switch_rate"] * rows for r in records]
+    tokens = [r["completion_len"] * rows for r in records]
+    expected = {"loss": sum(r["loss"] for r in records) / 6, "switch_rate": sum(switched) / (6 * rows),
+                "completion_len": sum(tokens) / (6 * rows),
+                "teacher_frac": sum(r["teacher_frac"] * t for r, t in zip(records, tokens)) / sum(tokens),
+                "switch_pos": sum((r["switch_pos"] or 0) * n for r, n in zip(records, switched)) / sum(switched)}
+    assert sum(switched) > 0
+    assert {key: every[key] for key in expected} == pytest.approx(expected, rel=1e-9)
+
+
+def test_statistics_count_switched_rows_and_completion_tokens_only():
+    """switch_pos averages the rows that switched (not the -1 of the others); teacher_frac counts completion tokens, not
+    the padding after EOS; each statistic is a (sum, count) pair that steps add up."""
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    from_teacher = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    measured = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    d = torch.tensor([[0.5, 1.5, 0, 0], [0.0, 1.0, 1.0, 2.0], [0.5, 0.5, 0, 0]]) * measured
+    seq = A.Rollout(sequences=torch.zeros(3, 6, dtype=torch.long), attention_mask=torch.ones(3, 6),
+                    completion_mask=mask, from_teacher=from_teacher, switch_step=torch.tensor([1, 3, -1]),
+                    divergences=d, measured=measured)
+    stats = A.sequence_stats([seq])
+    assert stats == {"switch_rate": (2.0, 3), "switch_pos": (4.0, 2), "teacher_frac": (3.0, 9),
+                     "divergence": (7.0, 8), "completion_len": (9, 3)}
+    assert A.ratio(*stats["switch_pos"]) == 2.0 and A.ratio(*stats["teacher_frac"]) == 3 / 9
+    assert A.ratio(0.0, 0) is None
+
+
+def test_each_step_draws_its_own_samples(saved, monkeypatch):
+    """The same batch and unchanged weights (lr 0) at steps 1 and 2: the rollouts differ, since each step seeds its own
+    draws from (seed, step); a second run draws the same again."""
+    tokenizer = A.char_tokenizer()
+    args = dataclasses.replace(A.parse_args(["--method", "on_policy", "--max-steps", "2", "--max-new-tokens", "8"]),
+                               lr=0.0)
+    examples = A.encode([{"prompt": f"{i}+{i}=", "response": "0"} for i in range(4)], tokenizer, args)
+    batch = next(A.batch_stream(examples, 4, tokenizer.pad_token_id, "cpu"))
+    drawn, make = [], A.make_sequences
+
+    def kept(*args, **kwargs):
+        drawn.append(make(*args, **kwargs))
+        return drawn[-1]
+    monkeypatch.setattr(A, "make_sequences", kept)
+    for _ in range(2):
+        student = AutoModelForCausalLM.from_pretrained(saved / "student")
+        A.train(student, None, itertools.repeat(batch), args, tokenizer, [tokenizer.eos_token_id])
+    step_1, step_2, again_1, again_2 = (seq.sequences for seq in drawn)
+    assert not torch.equal(step_1, step_2) and torch.equal(step_1, again_1) and torch.equal(step_2, again_2)
+
+
+def test_evaluation_decodes_greedily_whatever_the_random_state(saved, monkeypatch):
+    """evaluate() scores the greedy completions, those of HF generate(do_sample=False), under any torch seed."""
+    tokenizer, texts = A.char_tokenizer(), []
+    model = AutoModelForCausalLM.from_pretrained(saved / "student").eval()
+    args = A.parse_args(["--max-new-tokens", "6"])
+    examples = A.encode([{"prompt": f"{i}+{i + 3}=", "response": "0"} for i in range(4)], tokenizer, args)
+    batch = next(A.batch_stream(examples, 4, tokenizer.pad_token_id, "cpu"))
+    monkeypatch.setitem(A.SCORES, "exact", lambda prediction, reference: texts.append(prediction) or 0.0)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        A.evaluate(model, tokenizer, [batch], args, "exact", [tokenizer.eos_token_id])
+    greedy = model.generate(batch["prompt_ids"], attention_mask=batch["prompt_mask"], do_sample=False,
+                            max_new_tokens=6, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    prompt_len = batch["prompt_ids"].shape[1]
+    assert texts == tokenizer.batch_decode(greedy[:, prompt_len:], skip_special_tokens=True) * 2
+
+
+def test_a_run_killed_while_saving_resumes_from_its_newest_whole_checkpoint(saved, tmp_path, monkeypatch):
+    """With --grad-accum 2 and a checkpoint every step, killed while writing checkpoint-10's state.pt (checkpoint-9
+    stays whole, checkpoint-10 has none), or after its rename but before checkpoint-9 is deleted (two whole ones, taken
+    by step: 10 after 9): --resume trains only the steps after the newest whole one and ends as the run never killed."""
+    flags = ["--method", "adaswitch", "--grad-accum", "2", "--max-steps", "11", "--save-every", "1",
+             "--eval-every", "0"]
+    A.main(cli_args(saved, tmp_path / "whole", *flags))
+    save, rmtree, stats = torch.save, shutil.rmtree, A.sequence_stats
+
+    def killed_writing_state(obj, path, *args, **kwargs):
+        if Path(path).parent.name != "checkpoint-10":
+            return save(obj, path, *args, **kwargs)
+        Path(path).write_bytes(b"the first bytes of a state")
+        raise KeyboardInterrupt
+
+    def killed_before_cleanup(path, *args, **kwargs):
+        if Path(path).name == "checkpoint-9":
+            raise KeyboardInterrupt
+        return rmtree(path, *args, **kwargs)
+    for name, patch, whole, trained in (("state", (torch, "save", killed_writing_state), [9], [10, 11]),
+                                        ("cleanup", (shutil, "rmtree", killed_before_cleanup), [9, 10], [11])):
+        out = tmp_path / name
+        with monkeypatch.context() as patched:
+            patched.setattr(*patch)
+            with pytest.raises(KeyboardInterrupt):
+                A.main(cli_args(saved, out, *flags))
+        assert sorted(int(p.parent.name.split("-")[1]) for p in out.glob("checkpoint-*/state.pt")) == whole
+        steps = []
+        with monkeypatch.context() as patched:
+            patched.setattr(A, "sequence_stats", lambda seqs: steps.append(1) or stats(seqs))
+            A.main(cli_args(saved, out, *flags, "--resume"))
+        assert len(steps) == len(trained), name
+        same_run(tmp_path / "whole", out)
+        assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-11"]
+
+
+def test_only_checkpoints_the_program_wrote_are_deleted(saved, tmp_path):
+    """A user's checkpoint-best/ folder, an empty checkpoint-7/ and a checkpoint-3.txt file in --output-dir are not
+    the program's checkpoints: a run there neither refuses them as an earlier run nor deletes them."""
+    (tmp_path / "checkpoint-best").mkdir()
+    (tmp_path / "checkpoint-best" / "notes.txt").write_text("mine")
+    (tmp_path / "checkpoint-7").mkdir()
+    (tmp_path / "checkpoint-3.txt").write_text("mine")
+    A.main(cli_args(saved, tmp_path, "--max-steps", "2", "--save-every", "1"))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3.txt",
+                                                                     "checkpoint-7", "checkpoint-best"]
+    assert (tmp_path / "checkpoint-best" / "notes.txt").read_text() == "mine"
+
+
+def test_a_toy_model_killed_while_saving_is_not_taken_for_cached(tmp_path, monkeypatch, capsys):
+    """A toy model whose save was killed (its weights written, its tokenizer not) leaves no folder under its cached
+    name, so the next run trains it again; saves print no transformers progress bars."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+    hf_logging.enable_progress_bar()  # as in a fresh process (main() turns them off)
+    args = A.parse_args(["--toy-teacher-steps", "1", "--toy-student-steps", "1", "--toy-dir", str(tmp_path)])
+    save = PreTrainedTokenizerFast.save_pretrained
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        A.prepare_toy(args, "cpu")
+    assert [p.name for p in tmp_path.iterdir()] == ["toy-3digits-teacher-1steps.partial"]
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", save)
+    capsys.readouterr()
+    toy = A.prepare_toy(args, "cpu")
+    printed = capsys.readouterr()
+    assert "toy teacher: 1 SFT steps" in printed.out and "Writing" not in printed.err + printed.out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy-3digits-student-1steps", "toy-3digits-teacher-1steps"]
+    assert len(AutoTokenizer.from_pretrained(toy.teacher)) == len(A.char_tokenizer())
+    assert AutoModelForCausalLM.from_pretrained(toy.student).config.n_layer == 2
+
+
+def test_a_local_file_holds_out_the_same_rows_whatever_eval_samples(saved):
+    """A fixed tenth of a local file is held out: --eval-samples picks how many of those rows are scored, and the
+    training rows stay the same, so runs with other --eval-samples never train on what another tests on."""
+    splits = [A.load_rows(A.parse_args(cli_args(saved, saved / "unused", "--eval-samples", n)))
+              for n in ("2", "4", "100")]
+    assert splits[0][0] == splits[1][0] == splits[2][0] and len(splits[0][0]) == 36
+    assert splits[0][1] == splits[1][1][:2] and splits[1][1] == splits[2][1]
+
+
+def test_the_teacher_is_scored_once_per_teacher_test_set_and_evaluation(saved, tmp_path, monkeypatch):
+    """A second run with the same teacher, test rows and evaluation reads the teacher's score from --teacher-cache;
+    another --max-new-tokens, other test rows, or a teacher file touched since, scores it again. --eval-every equal to
+    --max-steps evaluates the last step once, and identical tokenizer files are parsed once."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(saved / "teacher", teacher)
+    evaluated, loaded, evaluate, load = [], [], A.evaluate, A.from_pretrained
+    monkeypatch.setattr(A, "evaluate", lambda *a, **k: evaluated.append(a[6] if len(a) > 6 else "eval") or evaluate(*a))
+    monkeypatch.setattr(A, "from_pretrained", lambda auto, *a, **k: loaded.append(auto.__name__) or load(auto, *a, **k))
+    flags = ["--teacher", str(teacher), "--teacher-cache", str(tmp_path / "scores"), "--eval-every", "2"]
+    runs = [("first", [], ["eval teacher", "eval student", "eval"]), ("same", [], ["eval student", "eval"]),
+            ("other-length", ["--max-new-tokens", "6"], ["eval teacher", "eval student", "eval"]),
+            ("other-rows", ["--eval-samples", "3"], ["eval teacher", "eval student", "eval"])]
+    summaries = {}
+    for name, extra, expected in runs:
+        evaluated.clear()
+        summaries[name] = A.main(cli_args(saved, tmp_path / name, *flags, *extra))
+        assert evaluated == expected, name
+    assert summaries["same"]["teacher"] == summaries["first"]["teacher"]
+    assert loaded.count("AutoTokenizer") == len(runs) and len(list((tmp_path / "scores").iterdir())) == 3
+    os.utime(teacher / "config.json", ns=(1, 1))  # the teacher changed since it was scored
+    evaluated.clear()
+    A.main(cli_args(saved, tmp_path / "touched", *flags))
+    assert evaluated[0] == "eval teacher"
