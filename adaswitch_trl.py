@@ -8,6 +8,7 @@ logging and checkpoints, with completions written by adaswitch.rollout. Only the
     python -m pytest -q test_trl.py                               # the tests
 """
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -76,6 +77,9 @@ class AdaSwitchTrainer(DistillationTrainer):
             raise ValueError(f"tools cannot be used with rollout_mode {config.rollout_mode!r} (adaswitch.rollout "
                              "writes one turn); drop tools or use rollout_mode 'student'")
         super().__init__(*args, **kwargs)
+        if int(os.environ.get("WORLD_SIZE", 1)) != self.accelerator.num_processes:  # accelerate's silent fallback
+            raise ValueError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate runs each alone, each "
+                             "training its own copy on the same batches; without a GPU pass --use_cpu true")
         if config.rollout_mode != "student" and self._is_vlm:
             raise ValueError(f"rollout_mode {config.rollout_mode!r} takes text prompts only (adaswitch.rollout has no "
                              "images); pass a tokenizer as processing_class or use rollout_mode 'student'")
