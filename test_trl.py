@@ -208,6 +208,15 @@ def test_tools_and_a_plain_config_are_refused_in_one_line(tiny):
         AdaSwitchTrainer(model=str(tiny / "student"), args=DistillationConfig(**settings(tiny / "out")))
 
 
+def test_a_launch_that_accelerate_does_not_distribute_is_refused(tiny, monkeypatch):
+    """torchrun on a machine without GPUs, without --use_cpu: accelerate runs every process alone, each training its
+    own copy on the same batches (seen in this file's first two-process run); refused in one line instead."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="launched as 2 processes but accelerate runs each alone") as error:
+        make(tiny)
+    assert "\n" not in str(error.value)
+
+
 def test_cli_knobs_are_the_cli_flags():
     """Same names, defaults and help as adaswitch.py's flags; the loss defaults to forward KL (TRL's beta 0)."""
     config = {f.name: f for f in T.dataclasses.fields(AdaSwitchConfig)}
