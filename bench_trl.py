@@ -12,7 +12,9 @@ Rows (the same prompts, B and new tokens for every runner; every prompt of a row
 In the GPT-2 pairs no row can end early: the final norm pins one hidden unit at 1 and only EOS reads it, with weight
 -1e4. Gemma rows may end at EOS; the table shows the mean completion length each runner trained on.
 Each runner is a fresh process (`OMP_NUM_THREADS=--threads`) doing 2 optimizer steps with plain sampling at T = 1, the
-forward KL loss, float32, no gradient checkpointing, no evaluation or saving inside the steps; the first step
+forward KL loss, float32, TRL's learning rate 1e-6 (adaswitch.py's default 5e-4, made for the toys, turned the Gemma
+student's step-2 divergences from 0.8 to 5.8 and its rollouts all-student), no gradient checkpointing, no evaluation or
+saving inside the steps; the first step
 (warm-up) and the second are timed from inside (a TrainerCallback; adaswitch.py's logged tokens_per_s), and the peak
 resident memory is the child's ru_maxrss (os.wait4), model loading and Python included. Load average: `uptime`'s 1 min.
 """
@@ -88,7 +90,7 @@ def command(runner: str, folder: Path, batch: int, new_tokens: int, out: Path) -
     return [sys.executable, str(HERE / "adaswitch.py"), "--method", runner.removeprefix("cli_"), *paths,
             "--dataset", str(folder / "prompts.jsonl"), "--prompt-field", "prompt", "--response-field", "response",
             "--no-chat-template", "--batch-size", str(batch), "--max-new-tokens", str(new_tokens), "--max-steps", "2",
-            "--log-every", "1", "--eval-samples", "1", "--score", "exact", "--output-dir", str(out)]
+            "--lr", "1e-6", "--log-every", "1", "--eval-samples", "1", "--score", "exact", "--output-dir", str(out)]
 
 
 def measure(runner: str, folder: Path, batch: int, new_tokens: int, threads: int) -> dict:
