@@ -24,8 +24,9 @@ CLI = {f.name: f for f in dataclasses.fields(Args)}
 
 
 def cli_field(name: str):
-    """The adaswitch.py flag of that name: its default and its help."""
-    return field(default=CLI[name].default, metadata={"help": CLI[name].metadata["help"]})
+    """The adaswitch.py flag of that name: its default and its help (TRL's parser appends the default itself)."""
+    help = CLI[name].metadata["help"].removesuffix(f" (default: {CLI[name].default})")
+    return field(default=CLI[name].default, metadata={"help": help})
 
 
 @dataclass
@@ -36,17 +37,17 @@ class AdaSwitchConfig(DistillationConfig):
     rollout_mode: Literal[MODES] = field(default="adaswitch", metadata={"help": (
         "who writes the completions: adaswitch (the student until the switch rule fires, then the teacher), student "
         "(TRL's own generation: on-policy KD, GKD), teacher (off-policy KD), skd (the student writes, the teacher "
-        "replaces tokens outside its top skd_top_k) (default: adaswitch)")})
+        "replaces tokens outside its top skd_top_k)")})
     window: int = cli_field("window")
     k: float = cli_field("k")
     metric: Literal[METRICS] = cli_field("metric")
     min_history: int | None = cli_field("min_history")
     teacher_writes_switch_token: bool = cli_field("teacher_writes_switch_token")
-    skd_top_k: int = field(default=25, metadata={"help": "SKD: the teacher replaces tokens outside its top-k (default: "
-                                                         "25, adaswitch.py's value on real models)"})
+    skd_top_k: int = field(default=25, metadata={"help": "SKD: the teacher replaces tokens outside its top-k (25: "
+                                                         "adaswitch.py's value on real models)"})
     beta: float = field(default=0.0, metadata={"help": (
-        "loss: 0.0 = forward KL(teacher || student), the paper's and adaswitch.py's loss (TRL's default is 1.0, reverse "
-        "KL); 0.5 = JSD; also the JSD weight of --metric jsd (default: 0.0)")})
+        "loss: 0.0 = forward KL(teacher || student), the paper's and adaswitch.py's (TRL's default is 1.0, reverse "
+        "KL); 0.5 = JSD; also the JSD weight of --metric jsd")})
 
     def __post_init__(self):
         super().__post_init__()
@@ -120,7 +121,8 @@ class AdaSwitchTrainer(DistillationTrainer):
         mode = "train" if self.model.training else "eval"
         nan = float("nan")  # TRL's log() drops NaN: no switch (or nothing measured) in a window logs no value
         for name, value in (("switch_rate", switches / rows), ("switch_pos", pos / switches if switches else nan),
-                            ("teacher_frac", teacher / max(tokens, 1)), ("divergence", d / measured if measured else nan)):
+                            ("teacher_frac", teacher / max(tokens, 1)),
+                            ("divergence", d / measured if measured else nan)):
             self._metrics[mode][name].append(value)
 
 
@@ -129,18 +131,21 @@ def main(script_args, training_args, model_args):
     from datasets import load_dataset
     from trl import get_peft_config, get_quantization_config
 
-    if training_args.teacher_model_name_or_path is None:
-        raise ValueError("a teacher is needed: set --teacher_model_name_or_path")
+    if training_args.teacher_model_name_or_path is None or script_args.dataset_name is None:
+        raise ValueError("set --teacher_model_name_or_path and --dataset_name (a hub dataset or a .jsonl of prompts)")
     init = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
                 attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
     training_args.model_init_kwargs = {**init, **(training_args.model_init_kwargs or {})}
     training_args.teacher_model_init_kwargs = {**init, "revision": training_args.teacher_model_revision,
                                                **(training_args.teacher_model_init_kwargs or {})}
     name = script_args.dataset_name
-    local = name is not None and Path(name).suffix in (".jsonl", ".json") and Path(name).is_file()
+    local = Path(name).suffix in (".jsonl", ".json") and Path(name).is_file()
     dataset = load_dataset("json", data_files=name) if local else load_dataset(name, name=script_args.dataset_config)
-    trainer = AdaSwitchTrainer(model=model_args.model_name_or_path, teacher_model=training_args.teacher_model_name_or_path,
-                               args=training_args, train_dataset=dataset[script_args.dataset_train_split],
+    trainer = AdaSwitchTrainer(model=model_args.model_name_or_path,
+                               teacher_model=training_args.teacher_model_name_or_path, args=training_args,
+                               train_dataset=dataset[script_args.dataset_train_split],
+                               eval_dataset=dataset[script_args.dataset_test_split]
+                               if training_args.eval_strategy != "no" else None,
                                quantization_config=get_quantization_config(model_args),
                                peft_config=get_peft_config(model_args))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

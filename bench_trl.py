@@ -46,7 +46,8 @@ def gpt2_pair(folder: Path, vocab: int, batch: int, new_tokens: int, prompt_len:
     for name, width, layers in (("student", 64, 2), ("teacher", 128, 4)):
         torch.manual_seed(len(name))
         config = GPT2Config(vocab_size=vocab, n_positions=prompt_len + new_tokens, n_embd=width, n_layer=layers,
-                            n_head=width // 32, bos_token_id=None, eos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
+                            n_head=width // 32, bos_token_id=None, eos_token_id=1, pad_token_id=0,
+                            tie_word_embeddings=False)
         model = GPT2LMHeadModel(config)
         with torch.no_grad():  # EOS unreachable: hidden unit 0 is always 1, and only EOS reads it, with weight -1e4
             model.transformer.ln_f.weight[0], model.transformer.ln_f.bias[0] = 0.0, 1.0
@@ -131,9 +132,10 @@ def trainer_child(runner: str, a) -> None:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     config, trainer = (DistillationConfig, DistillationTrainer) if runner == "distillation" else \
         (AdaSwitchConfig, AdaSwitchTrainer)
-    args = config(output_dir=a.out, max_steps=2, per_device_train_batch_size=a.batch, max_completion_length=a.new_tokens,
-                  beta=0.0, temperature=1.0, bf16=False, gradient_checkpointing=False, logging_steps=1,
-                  report_to="none", save_strategy="no", eval_strategy="no", seed=0)
+    args = config(output_dir=a.out, max_steps=2, per_device_train_batch_size=a.batch,
+                  max_completion_length=a.new_tokens, beta=0.0, temperature=1.0, bf16=False,
+                  gradient_checkpointing=False, logging_steps=1, report_to="none", save_strategy="no",
+                  eval_strategy="no", seed=0)
     clock = Clock()
     trainer = trainer(model=a.student, teacher_model=a.teacher, args=args, callbacks=[clock],
                       train_dataset=load_dataset("json", data_files=a.data)["train"])

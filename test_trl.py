@@ -1,6 +1,6 @@
 """Tests for adaswitch_trl.py (AdaSwitch inside TRL's DistillationTrainer), in the style of TRL's trainer tests: tiny
-random GPT-2 models saved to a temporary folder, assertions on trainer.state.log_history and the saved student. CPU
-only; the two-process test runs torchrun on gloo; the last test uses the real Gemma pair of conftest.py (fixture `pair`).
+random Llamas saved to a temporary folder, assertions on trainer.state.log_history and the saved student. CPU only;
+the two-process test runs torchrun on gloo; the last test uses the real Gemma pair of conftest.py (fixture `pair`).
 
     pip install "trl==1.16.*" accelerate && python -m pytest -q test_trl.py
 """
@@ -218,11 +218,13 @@ def test_a_launch_that_accelerate_does_not_distribute_is_refused(tiny, monkeypat
 
 
 def test_cli_knobs_are_the_cli_flags():
-    """Same names, defaults and help as adaswitch.py's flags; the loss defaults to forward KL (TRL's beta 0)."""
+    """Same names, defaults and help as adaswitch.py's flags (TRL's parser appends the default itself); the loss
+    defaults to forward KL (TRL's beta 0)."""
     config = {f.name: f for f in T.dataclasses.fields(AdaSwitchConfig)}
     for name in ("window", "k", "metric", "min_history", "teacher_writes_switch_token"):
-        assert (config[name].default, config[name].metadata["help"]) == (T.CLI[name].default,
-                                                                         T.CLI[name].metadata["help"])
+        ours, cli = config[name], T.CLI[name]
+        assert ours.default == cli.default
+        assert f"{ours.metadata['help']} (default: {ours.default})" == cli.metadata["help"]
     assert config["beta"].default == 0.0 and config["rollout_mode"].default == "adaswitch"
 
 
@@ -253,8 +255,9 @@ def test_two_processes_equal_one_with_the_global_batch(tiny, tmp_path):
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), str(tmp_path / "driver.py"), *models, *FLAGS, "--output_dir", str(two), "--use_cpu", "true",
-                           "--per_device_train_batch_size", "2"], env=env, capture_output=True, text=True, timeout=300)
+                           str(port), str(tmp_path / "driver.py"), *models, *FLAGS, "--output_dir", str(two),
+                           "--use_cpu", "true", "--per_device_train_batch_size", "2"],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(two / f"rank{r}.pt") for r in (0, 1)]
     assert all(torch.equal(ranks[0][name], ranks[1][name]) for name in ranks[0])
