@@ -94,11 +94,14 @@ class SwitchTracker:
 
 # --- Logits from hidden states. At a 150k-token vocabulary, [B, N, V] float32 logits take gigabytes and [B, N, H]
 #     hidden states megabytes: the rollout keeps the teacher's hidden states, the loss projects a chunk at a time.
-def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The logits of last hidden states, [..., H] -> [..., V]: the output embedding, then Gemma's soft-capping."""
-    logits = model.get_output_embeddings()(hidden)
+def soft_cap(model, logits: torch.Tensor) -> torch.Tensor:
+    """Gemma's final soft-capping, cap * tanh(logits / cap), where the model's config has a cap."""
     cap = getattr(model.config, "final_logit_softcapping", None)
     return logits if cap is None else torch.tanh(logits / cap) * cap
+
+def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits of last hidden states, [..., H] -> [..., V]: the output embedding, then soft-capping."""
+    return soft_cap(model, model.get_output_embeddings()(hidden))
 
 def forward(model, check: bool = False, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """model(**inputs).logits [B, t, V] and the last hidden states [B, T, H] under them (base_model's output, caught by
@@ -250,30 +253,35 @@ def completion_logits(logits: torch.Tensor, num_new: int) -> torch.Tensor:
     return logits[:, -num_new - 1:-1]
 
 class ChunkedSum(torch.autograd.Function):
-    """The sum of loss_fn(hidden[chunk], targets[chunk]) over chunks of rows. With grad, each chunk's backward pass
-    runs right after its loss, so its [C, V] logits live briefly and are never recomputed (checkpointing would: half
-    again the time); the gradients of hidden and of params (the head's, which loss_fn uses) wait for backward."""
+    """The sum over chunks of rows of loss_fn(hidden[chunk] @ weight.T + bias, targets[chunk]): a linear head's raw
+    logits [C, V], a chunk at a time. With grad, each chunk's backward pass runs right after its loss: its logits
+    live briefly and are never recomputed (checkpointing would), and the head's gradient adds up in place (autograd
+    would make a [V, H] one per chunk). The gradients wait in ctx for the backward pass."""
 
     @staticmethod
-    def forward(ctx, loss_fn, chunk_size: int, grad: bool, hidden: torch.Tensor, targets: torch.Tensor, *params):
+    def forward(ctx, loss_fn, chunk_size: int, grad: bool, hidden: torch.Tensor, targets: torch.Tensor,
+                weight: torch.Tensor, bias: torch.Tensor | None):
         total = hidden.new_zeros((), dtype=torch.float32)
-        grads = [torch.zeros_like(x) for x in (hidden, *params)] if grad else []
+        ctx.grads = [torch.zeros_like(x) for x in (hidden, weight, bias) if x is not None] if grad else []
         for i in range(0, len(hidden), chunk_size):
+            h = hidden[i:i + chunk_size]                                                   # [C, H]
+            raw = F.linear(h, weight, bias).requires_grad_(grad)                          # [C, V]
             with torch.enable_grad():
-                h = hidden[i:i + chunk_size].detach().requires_grad_(grad)                 # [C, H]
-                loss = loss_fn(h, targets[i:i + chunk_size])
-                if grad:
-                    grads[0][i:i + chunk_size], *new = torch.autograd.grad(loss, [h, *params])
-                    for old, add in zip(grads[1:], new):
-                        old += add
+                loss = loss_fn(raw, targets[i:i + chunk_size])
+            if grad:
+                d_raw = torch.autograd.grad(loss, raw)[0].to(weight.dtype)                 # [C, V]
+                ctx.grads[0][i:i + chunk_size] = d_raw @ weight
+                ctx.grads[1].addmm_(d_raw.T, h.to(weight.dtype))
+                if bias is not None:
+                    ctx.grads[2] += d_raw.sum(0)
             total += loss.detach()
-        ctx.save_for_backward(*grads)
         return total
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
-        grad_hidden, *grad_params = (grad * grad_total for grad in ctx.saved_tensors)
-        return None, None, None, grad_hidden, None, *grad_params
+        grads, ctx.grads = ctx.grads, None  # scaled in place and held nowhere else: .grad takes them without a copy
+        grad_hidden, grad_weight, *grad_bias = (grad.mul_(grad_total) for grad in grads)
+        return None, None, None, grad_hidden, None, grad_weight, *(grad_bias or [None])
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                  metric: str = "fkl", beta: float = 0.5, temperature: float = 1.0,
@@ -302,15 +310,16 @@ def sequence_loss(student, teacher, seq: Rollout, metric: str = "fkl", beta: flo
             t_hidden = completion_logits(forward(teacher, True, **inputs)[1], n)           # [B, N, H_t]
     targets = seq.sequences[:, -n:][keep] if teacher is None else t_hidden[keep]           # SFT: [M] ids; [M, H_t]
 
-    def chunk_loss(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # summed over the chunk's C tokens
-        s_logits = lm_head(student, h)                                                     # [C, V_s]
+    def chunk_loss(raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # summed over the chunk's C tokens
+        s_logits = soft_cap(student, raw)                                                  # [C, V_s]
         if teacher is None:  # the forward KL to the data's one-hot distribution
             return F.cross_entropy(s_logits.float(), target, reduction="sum")
         with torch.no_grad():
             t_logits = lm_head(teacher, target)                                            # [C, V_t]
         return distill_loss(s_logits, t_logits, torch.ones_like(target[:, 0]), metric, beta, temperature, 1.0)
-    head = [p for p in student.get_output_embeddings().parameters() if p.requires_grad]  # trained by chunk_loss
-    total = ChunkedSum.apply(chunk_loss, chunk_size, torch.is_grad_enabled(), hidden, targets, *head)
+    if not isinstance(head := student.get_output_embeddings(), torch.nn.Linear):
+        raise ValueError(f"{type(student).__name__}: the chunked loss needs a linear output layer, not {type(head)}")
+    total = ChunkedSum.apply(chunk_loss, chunk_size, torch.is_grad_enabled(), hidden, targets, head.weight, head.bias)
     return total / (keep.sum().clamp(min=1) if num_tokens is None else num_tokens)
 # ========================================== end of the method ==========================================
 
@@ -707,8 +716,8 @@ def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], tes
             seqs.append(seq)
         # Summed over the window, then divided by its token count: every token weighs the same, whichever micro-batch.
         num_tokens = tokens.clamp(min=1).float()
-        for parameter in student.parameters():
-            parameter.grad = None if parameter.grad is None else parameter.grad / num_tokens
+        for grad in (p.grad for p in student.parameters() if p.grad is not None):
+            grad /= num_tokens  # in place: a copy of Gemma's embedding gradient would add 0.7 GB to the peak
         loss = loss / num_tokens
         norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
         require(loss.isfinite() and norm.isfinite(), f"step {step}: the loss is {loss.item():g} (gradient norm "
