@@ -83,9 +83,7 @@ class SwitchTracker:
         # k = inf never switches, stated here rather than left to inf * 0 = nan and d > nan being False.
         fire = live & (filled >= self.min_history) & (d > tau) & (self.k < math.inf)                     # [B]
         record = live & ~fire                                                                             # [B]
-        slot = (self.count % self.window).unsqueeze(-1)                                                   # [B, 1]
-        old = self.history.gather(-1, slot).squeeze(-1)                                                   # [B]
-        self.history.scatter_(-1, slot, torch.where(record, d, old).unsqueeze(-1))
+        self.history[record, self.count[record] % self.window] = d[record]  # into each recording row's ring slot
         self.count += record.long()
         self.switched |= fire
         self.switch_step = torch.where(fire, self.step, self.switch_step)
@@ -104,11 +102,8 @@ def forward(model, check: bool = False, **inputs) -> tuple[torch.Tensor, torch.T
     """model(**inputs).logits [B, t, V] and the last hidden states [B, T, H] under them (base_model's output, caught by
     a hook). check: refuse a model whose logits are more than lm_head of those (Cohere's logit_scale, Granite's)."""
     caught = []
-    hook = model.base_model.register_forward_hook(lambda module, args, out: caught.append(out.last_hidden_state))
-    try:
+    with model.base_model.register_forward_hook(lambda module, args, out: caught.append(out.last_hidden_state)):
         logits = model(**inputs).logits
-    finally:
-        hook.remove()
     if check and not torch.allclose(lm_head(model, caught[0][:, -logits.shape[1]:]), logits, rtol=1e-3, atol=1e-4):
         raise ValueError(f"{type(model).__name__} computes its logits otherwise than its output embedding of its last "
                          "hidden state (plus soft-capping): its head cannot be reproduced chunk by chunk")
@@ -173,10 +168,9 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
     for name in needed:
         models[name].eval()
 
-    ids, mask = input_ids, attention_mask                                             # [B, P], [B, P]
-    positions = position_ids(attention_mask)                                          # [B, P]
+    ids, mask, positions = input_ids, attention_mask, position_ids(attention_mask)   # [B, P] each
     done = torch.zeros(batch, dtype=torch.bool, device=device)                        # [B] row has written EOS
-    tokens, from_teacher, written, divergences, measured, teacher_hidden = [], [], [], [], [], []
+    steps, teacher_hidden = [], []  # per step: token, from_teacher, written, divergence, measured, each [B]
     try:
         for _ in range(max_new_tokens):
             active = ~done                                                             # [B]
@@ -184,7 +178,7 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
             skip_student = tracker is not None and not (active & ~tracker.switched).any()
             logits = {}
             for name in (name for name in needed if not (name == "student" and skip_student)):
-                out, hidden = forward(models[name], not tokens and name == "teacher", input_ids=ids, use_cache=True,
+                out, hidden = forward(models[name], not steps and name == "teacher", input_ids=ids, use_cache=True,
                                       attention_mask=mask, position_ids=positions, cache=caches[name], logits_to_keep=1)
                 logits[name] = out[:, -1, :vocab]                                       # [B, V]
                 if name == "teacher":  # checked once above: the loss projects these with lm_head
@@ -216,11 +210,7 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
                 token = torch.where(student_rows, s_token, token)
             if teacher_rows.any():
                 token = torch.where(teacher_rows, sample(t_logits, temperature, do_sample, generator), token)
-            tokens.append(token)
-            from_teacher.append(teacher_rows)
-            written.append(active)
-            divergences.append(torch.where(both, d, 0.0))
-            measured.append(both)
+            steps.append((token, teacher_rows, active.long(), torch.where(both, d, 0.0), both))
             done = done | (active & torch.isin(token, eos))
             if done.all():
                 break
@@ -231,18 +221,15 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
         for name in needed:
             models[name].train(was_training[name])
 
-    completion, completion_mask = torch.stack(tokens, 1), torch.stack(written, 1).long()  # [B, N], [B, N]
-    by_teacher = torch.stack(from_teacher, 1)                                          # [B, N]
+    completion, by_teacher, completion_mask, divergences, measured = (torch.stack(x, 1) for x in zip(*steps))  # [B, N]
     # The first token the teacher wrote: the switch itself, or the step after it with the student writing the
     # switch token, so that switch_step means the same under both settings (off-policy: 0; SKD: first replacement).
     switch_step = torch.where(by_teacher.any(1), by_teacher.long().argmax(1), -1)     # [B]
-    return Rollout(
-        sequences=torch.cat([input_ids, completion], dim=1),                           # [B, P+N]
-        attention_mask=torch.cat([attention_mask.long(), completion_mask], dim=1),     # [B, P+N]
-        completion_mask=completion_mask, from_teacher=by_teacher, switch_step=switch_step,
-        divergences=torch.stack(divergences, 1), measured=torch.stack(measured, 1),   # [B, N], [B, N]
-        teacher_hidden=torch.stack(teacher_hidden, dim=1) if len(teacher_hidden) == len(tokens) else None,
-    )
+    teacher_hidden = torch.stack(teacher_hidden, 1) if len(teacher_hidden) == len(steps) else None  # [B, N, H]
+    return Rollout(sequences=torch.cat([input_ids, completion], dim=1),                        # [B, P+N]
+                   attention_mask=torch.cat([attention_mask.long(), completion_mask], dim=1),  # [B, P+N]
+                   completion_mask=completion_mask, from_teacher=by_teacher, switch_step=switch_step,
+                   divergences=divergences, measured=measured, teacher_hidden=teacher_hidden)
 
 # --- Losses: a token-level divergence between student and (detached) teacher, on completion tokens only.
 def completion_logits(logits: torch.Tensor, num_new: int) -> torch.Tensor:
