@@ -390,14 +390,11 @@ def parse_args(argv: list[str] | None = None) -> Args:
     for name in ("output_dir", "toy_dir"):  # the folders a run writes into
         require(not Path(getattr(args, name)).is_file(), f"--{name.replace('_', '-')} {getattr(args, name)} is a file")
     require(args.teacher or args.dataset in TOY_TASKS, f"--dataset {args.dataset} needs --teacher and --student")
-    if args.skd_top_k is None:  # a top-25 on a 25-token vocabulary would keep every student token: on-policy
-        args.skd_top_k = 2 if args.teacher is None else 25
-    if args.toy_teacher_steps is None:  # counting runs of letters takes longer to learn than adding digits
-        args.toy_teacher_steps = 3000 if args.dataset == "toy_summary" else 600
-    if args.lr is None:  # tiny models learn from scratch at 5e-4; one such step wrecks a pretrained model
-        args.lr = 5e-4 if args.teacher is None else 1e-5
-    if args.max_new_tokens is None:  # GSM8K's worked answers often run past 64 tokens, and unfinished ones score 0
-        args.max_new_tokens = 256 if args.dataset == "gsm8k" else 64
+    for name, default in (("skd_top_k", 2 if args.teacher is None else 25),  # top-25 of 25 tokens: on-policy
+                          ("toy_teacher_steps", 3000 if args.dataset == "toy_summary" else 600),  # counting: slower
+                          ("lr", 5e-4 if args.teacher is None else 1e-5),  # 5e-4 trains tiny models, wrecks big ones
+                          ("max_new_tokens", 256 if args.dataset == "gsm8k" else 64)):  # GSM8K's answers run past 64
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     for need, ok, names in ((">= 1", lambda v: v >= 1, "max_steps batch_size grad_accum max_new_tokens max_prompt_len "
                                                     "eval_samples skd_top_k log_every save_every toy_digits"),
                             (">= 0", lambda v: 0 <= v < math.inf, "seed eval_every toy_teacher_steps toy_student_steps "
@@ -427,10 +424,9 @@ def make_sequences(batch: dict, student, teacher, args: Args, stop: list[int], p
                        attention_mask=torch.cat([prompt_mask, response_mask], 1), from_teacher=nothing,
                        switch_step=torch.full_like(response_mask[:, 0], -1), divergences=nothing.float(),
                        measured=nothing)
-    knobs = ("max_new_tokens", "window", "k", "skd_top_k", "metric", "beta", "temperature", "min_history",
-             "teacher_writes_switch_token")  # the flags named as the rollout's arguments
+    knobs = "max_new_tokens window k skd_top_k metric beta temperature min_history teacher_writes_switch_token"
     return rollout(student, teacher, prompt_ids, prompt_mask, ROLLOUT_MODE[args.method], eos_token_id=stop,
-                   pad_token_id=pad_token_id, generator=generator, **{name: getattr(args, name) for name in knobs})
+                   pad_token_id=pad_token_id, generator=generator, **{k: getattr(args, k) for k in knobs.split()})
 
 def sequence_stats(seqs: list[Rollout]) -> dict:
     """(sum, count) of switch_rate, switch_pos, teacher_frac, divergence, completion_len over micro-batches (whose N
@@ -664,17 +660,15 @@ def save_checkpoint(out: Path, student, tokenizer, state: dict) -> None:
 
 def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], test_batches: list[dict] | None = None,
           score: str = "exact", out: Path | None = None, state: dict | None = None, desc: str = "distill") -> dict:
-    """AdamW, linear warm-up and decay; each step: make the sequences, score them, clip, step; log and save into out;
-    the student is evaluated every --eval-every steps and after the last. Returns {statistic: [sum, count]} over every
-    step of the run (kept in checkpoints: a resumed run's totals are the whole run's), and the steps' seconds."""
-    device = next(student.parameters()).device
+    """AdamW, linear warm-up and decay; each step: make the sequences, score them, clip, step; evaluate, log and save
+    into out. Returns {statistic: [sum, count]} and the steps' seconds over the whole run (a resumed one's included)."""
     student.train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * args.max_steps), args.max_steps)
     if state is not None:  # the student's weights came with it; the rest of where the run stopped is here
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(student.device.type, torch.bfloat16, enabled=student.device.type == "cuda")
     scorer = None if args.method == "sft" else teacher  # sequence_loss without a teacher: the log-likelihood (SFT)
     first, totals = (1, {}) if state is None else (state["step"] + 1, state["totals"])
     bar = tqdm(range(first, args.max_steps + 1), desc=desc, initial=first - 1, total=args.max_steps, leave=False,
@@ -818,8 +812,7 @@ def open_run(args: Args, out: Path) -> dict | None:
 
 def teacher_score(teacher, tokenizer, batches: list[dict], args: Args, score: str, stop: list[int]) -> float:
     """The teacher's evaluate() score, kept in --teacher-cache/<key> for later runs, the key a hash of all it depends
-    on: the teacher (hub id and revision, or its files, sizes and times), --dtype, the device, the test batches (ids
-    after templates and cuts, padding, references), --max-new-tokens, the score, the stop ids, this file, versions."""
+    on: the teacher (id and revision, or its files' sizes and times), the device, the test batches, the evaluation."""
     files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
              for p in sorted(Path(args.teacher).expanduser().glob("*"))]
     key = [args.teacher, getattr(teacher.config, "_commit_hash", None), files, args.dtype, str(teacher.device),
@@ -867,8 +860,7 @@ def main(argv: list[str] | None = None) -> dict:
     first, *_, last = [json.loads(line) for line in log.read_text().splitlines()]  # the last: the final evaluation
     summary = {"method": args.method, "dataset": args.dataset, "score": score, "teacher": first["teacher_score"],
                "student_before": first["eval_score"], "student_after": last["eval_score"],
-               **{key: ratio(*totals[key]) for key in ("loss", "switch_rate", "switch_pos", "teacher_frac",
-                                                       "divergence", "completion_len")},
+               **{key: ratio(*pair) for key, pair in totals.items() if key != "seconds"},  # loss, switch_rate, ...
                "train_seconds": totals["seconds"][0], "seconds_per_step": ratio(*totals["seconds"]),
                "total_seconds": time.perf_counter() - started, "args": asdict(given)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
