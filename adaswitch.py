@@ -83,9 +83,7 @@ class SwitchTracker:
         # k = inf never switches, stated here rather than left to inf * 0 = nan and d > nan being False.
         fire = live & (filled >= self.min_history) & (d > tau) & (self.k < math.inf)                     # [B]
         record = live & ~fire                                                                             # [B]
-        slot = (self.count % self.window).unsqueeze(-1)                                                   # [B, 1]
-        old = self.history.gather(-1, slot).squeeze(-1)                                                   # [B]
-        self.history.scatter_(-1, slot, torch.where(record, d, old).unsqueeze(-1))
+        self.history[record, self.count[record] % self.window] = d[record]  # into each recording row's ring slot
         self.count += record.long()
         self.switched |= fire
         self.switch_step = torch.where(fire, self.step, self.switch_step)
@@ -107,11 +105,8 @@ def forward(model, check: bool = False, **inputs) -> tuple[torch.Tensor, torch.T
     """model(**inputs).logits [B, t, V] and the last hidden states [B, T, H] under them (base_model's output, caught by
     a hook). check: refuse a model whose logits are more than lm_head of those (Cohere's logit_scale, Granite's)."""
     caught = []
-    hook = model.base_model.register_forward_hook(lambda module, args, out: caught.append(out.last_hidden_state))
-    try:
+    with model.base_model.register_forward_hook(lambda module, args, out: caught.append(out.last_hidden_state)):
         logits = model(**inputs).logits
-    finally:
-        hook.remove()
     if check and not torch.allclose(lm_head(model, caught[0][:, -logits.shape[1]:]), logits, rtol=1e-3, atol=1e-4):
         raise ValueError(f"{type(model).__name__} computes its logits otherwise than its output embedding of its last "
                          "hidden state (plus soft-capping): its head cannot be reproduced chunk by chunk")
@@ -176,10 +171,9 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
     for name in needed:
         models[name].eval()
 
-    ids, mask = input_ids, attention_mask                                             # [B, P], [B, P]
-    positions = position_ids(attention_mask)                                          # [B, P]
+    ids, mask, positions = input_ids, attention_mask, position_ids(attention_mask)   # [B, P] each
     done = torch.zeros(batch, dtype=torch.bool, device=device)                        # [B] row has written EOS
-    tokens, from_teacher, written, divergences, measured, teacher_hidden = [], [], [], [], [], []
+    steps, teacher_hidden = [], []  # per step: token, from_teacher, written, divergence, measured, each [B]
     try:
         for _ in range(max_new_tokens):
             active = ~done                                                             # [B]
@@ -187,7 +181,7 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
             skip_student = tracker is not None and not (active & ~tracker.switched).any()
             logits = {}
             for name in (name for name in needed if not (name == "student" and skip_student)):
-                out, hidden = forward(models[name], not tokens and name == "teacher", input_ids=ids, use_cache=True,
+                out, hidden = forward(models[name], not steps and name == "teacher", input_ids=ids, use_cache=True,
                                       attention_mask=mask, position_ids=positions, cache=caches[name], logits_to_keep=1)
                 logits[name] = out[:, -1, :vocab]                                       # [B, V]
                 if name == "teacher":  # checked once above: the loss projects these with lm_head
@@ -219,11 +213,7 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
                 token = torch.where(student_rows, s_token, token)
             if teacher_rows.any():
                 token = torch.where(teacher_rows, sample(t_logits, temperature, do_sample, generator), token)
-            tokens.append(token)
-            from_teacher.append(teacher_rows)
-            written.append(active)
-            divergences.append(torch.where(both, d, 0.0))
-            measured.append(both)
+            steps.append((token, teacher_rows, active.long(), torch.where(both, d, 0.0), both))
             done = done | (active & torch.isin(token, eos))
             if done.all():
                 break
@@ -234,18 +224,15 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
         for name in needed:
             models[name].train(was_training[name])
 
-    completion, completion_mask = torch.stack(tokens, 1), torch.stack(written, 1).long()  # [B, N], [B, N]
-    by_teacher = torch.stack(from_teacher, 1)                                          # [B, N]
+    completion, by_teacher, completion_mask, divergences, measured = (torch.stack(x, 1) for x in zip(*steps))  # [B, N]
     # The first token the teacher wrote: the switch itself, or the step after it with the student writing the
     # switch token, so that switch_step means the same under both settings (off-policy: 0; SKD: first replacement).
     switch_step = torch.where(by_teacher.any(1), by_teacher.long().argmax(1), -1)     # [B]
-    return Rollout(
-        sequences=torch.cat([input_ids, completion], dim=1),                           # [B, P+N]
-        attention_mask=torch.cat([attention_mask.long(), completion_mask], dim=1),     # [B, P+N]
-        completion_mask=completion_mask, from_teacher=by_teacher, switch_step=switch_step,
-        divergences=torch.stack(divergences, 1), measured=torch.stack(measured, 1),   # [B, N], [B, N]
-        teacher_hidden=torch.stack(teacher_hidden, dim=1) if len(teacher_hidden) == len(tokens) else None,
-    )
+    teacher_hidden = torch.stack(teacher_hidden, 1) if len(teacher_hidden) == len(steps) else None  # [B, N, H]
+    return Rollout(sequences=torch.cat([input_ids, completion], dim=1),                        # [B, P+N]
+                   attention_mask=torch.cat([attention_mask.long(), completion_mask], dim=1),  # [B, P+N]
+                   completion_mask=completion_mask, from_teacher=by_teacher, switch_step=switch_step,
+                   divergences=divergences, measured=measured, teacher_hidden=teacher_hidden)
 
 # --- Losses: a token-level divergence between student and (detached) teacher, on completion tokens only.
 def completion_logits(logits: torch.Tensor, num_new: int) -> torch.Tensor:
@@ -412,14 +399,11 @@ def parse_args(argv: list[str] | None = None) -> Args:
     for name in ("output_dir", "toy_dir"):  # the folders a run writes into
         require(not Path(getattr(args, name)).is_file(), f"--{name.replace('_', '-')} {getattr(args, name)} is a file")
     require(args.teacher or args.dataset in TOY_TASKS, f"--dataset {args.dataset} needs --teacher and --student")
-    if args.skd_top_k is None:  # a top-25 on a 25-token vocabulary would keep every student token: on-policy
-        args.skd_top_k = 2 if args.teacher is None else 25
-    if args.toy_teacher_steps is None:  # counting runs of letters takes longer to learn than adding digits
-        args.toy_teacher_steps = 3000 if args.dataset == "toy_summary" else 600
-    if args.lr is None:  # tiny models learn from scratch at 5e-4; one such step wrecks a pretrained model
-        args.lr = 5e-4 if args.teacher is None else 1e-5
-    if args.max_new_tokens is None:  # GSM8K's worked answers often run past 64 tokens, and unfinished ones score 0
-        args.max_new_tokens = 256 if args.dataset == "gsm8k" else 64
+    for name, default in (("skd_top_k", 2 if args.teacher is None else 25),  # top-25 of 25 tokens: on-policy
+                          ("toy_teacher_steps", 3000 if args.dataset == "toy_summary" else 600),  # counting: slower
+                          ("lr", 5e-4 if args.teacher is None else 1e-5),  # 5e-4 trains tiny models, wrecks big ones
+                          ("max_new_tokens", 256 if args.dataset == "gsm8k" else 64)):  # GSM8K's answers run past 64
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     for need, ok, names in ((">= 1", lambda v: v >= 1, "max_steps batch_size grad_accum max_new_tokens max_prompt_len "
                                                     "eval_samples skd_top_k log_every save_every toy_digits"),
                             (">= 0", lambda v: 0 <= v < math.inf, "seed eval_every toy_teacher_steps toy_student_steps "
@@ -449,10 +433,9 @@ def make_sequences(batch: dict, student, teacher, args: Args, stop: list[int], p
                        attention_mask=torch.cat([prompt_mask, response_mask], 1), from_teacher=nothing,
                        switch_step=torch.full_like(response_mask[:, 0], -1), divergences=nothing.float(),
                        measured=nothing)
-    knobs = ("max_new_tokens", "window", "k", "skd_top_k", "metric", "beta", "temperature", "min_history",
-             "teacher_writes_switch_token")  # the flags named as the rollout's arguments
+    knobs = "max_new_tokens window k skd_top_k metric beta temperature min_history teacher_writes_switch_token"
     return rollout(student, teacher, prompt_ids, prompt_mask, ROLLOUT_MODE[args.method], eos_token_id=stop,
-                   pad_token_id=pad_token_id, generator=generator, **{name: getattr(args, name) for name in knobs})
+                   pad_token_id=pad_token_id, generator=generator, **{k: getattr(args, k) for k in knobs.split()})
 
 def sequence_stats(seqs: list[Rollout]) -> dict:
     """(sum, count) of switch_rate, switch_pos, teacher_frac, divergence, completion_len over micro-batches (whose N
@@ -686,17 +669,15 @@ def save_checkpoint(out: Path, student, tokenizer, state: dict) -> None:
 
 def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], test_batches: list[dict] | None = None,
           score: str = "exact", out: Path | None = None, state: dict | None = None, desc: str = "distill") -> dict:
-    """AdamW, linear warm-up and decay; each step: make the sequences, score them, clip, step; log and save into out;
-    the student is evaluated every --eval-every steps and after the last. Returns {statistic: [sum, count]} over every
-    step of the run (kept in checkpoints: a resumed run's totals are the whole run's), and the steps' seconds."""
-    device = next(student.parameters()).device
+    """AdamW, linear warm-up and decay; each step: make the sequences, score them, clip, step; evaluate, log and save
+    into out. Returns {statistic: [sum, count]} and the steps' seconds over the whole run (a resumed one's included)."""
     student.train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * args.max_steps), args.max_steps)
     if state is not None:  # the student's weights came with it; the rest of where the run stopped is here
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(student.device.type, torch.bfloat16, enabled=student.device.type == "cuda")
     scorer = None if args.method == "sft" else teacher  # sequence_loss without a teacher: the log-likelihood (SFT)
     first, totals = (1, {}) if state is None else (state["step"] + 1, state["totals"])
     bar = tqdm(range(first, args.max_steps + 1), desc=desc, initial=first - 1, total=args.max_steps, leave=False,
@@ -840,8 +821,7 @@ def open_run(args: Args, out: Path) -> dict | None:
 
 def teacher_score(teacher, tokenizer, batches: list[dict], args: Args, score: str, stop: list[int]) -> float:
     """The teacher's evaluate() score, kept in --teacher-cache/<key> for later runs, the key a hash of all it depends
-    on: the teacher (hub id and revision, or its files, sizes and times), --dtype, the device, the test batches (ids
-    after templates and cuts, padding, references), --max-new-tokens, the score, the stop ids, this file, versions."""
+    on: the teacher (id and revision, or its files' sizes and times), the device, the test batches, the evaluation."""
     files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
              for p in sorted(Path(args.teacher).expanduser().glob("*"))]
     key = [args.teacher, getattr(teacher.config, "_commit_hash", None), files, args.dtype, str(teacher.device),
@@ -889,8 +869,7 @@ def main(argv: list[str] | None = None) -> dict:
     first, *_, last = [json.loads(line) for line in log.read_text().splitlines()]  # the last: the final evaluation
     summary = {"method": args.method, "dataset": args.dataset, "score": score, "teacher": first["teacher_score"],
                "student_before": first["eval_score"], "student_after": last["eval_score"],
-               **{key: ratio(*totals[key]) for key in ("loss", "switch_rate", "switch_pos", "teacher_frac",
-                                                       "divergence", "completion_len")},
+               **{key: ratio(*pair) for key, pair in totals.items() if key != "seconds"},  # loss, switch_rate, ...
                "train_seconds": totals["seconds"][0], "seconds_per_step": ratio(*totals["seconds"]),
                "total_seconds": time.perf_counter() - started, "args": asdict(given)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
