@@ -1,9 +1,21 @@
-"""Fixtures shared by test_adaswitch.py (the tutorial's real-text section) and test_gemma.py."""
+"""Fixtures shared by the test files: one thread for every test, and the real Gemma pair."""
 import hashlib
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One thread: the test models are tiny, and on 2 shared cores OpenMP threads wait for each other (a greedy
+    generate of the real Gemma student, 4 rows, 24 tokens: 39-57 s with two threads, 4-8 s with one; 30x on the
+    tiny models)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -48,15 +48,6 @@ def tiny_gpt2(vocab: int, seed: int, n_embd: int = 32, n_layer: int = 2) -> GPT2
     return GPT2LMHeadModel(config).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: extra threads only add overhead (30x on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def student():
     return tiny_gpt2(V, seed=0)

@@ -23,16 +23,6 @@ N = 16                                   # new tokens per rollout: long enough f
 KEPT = [*range(7), *range(10, 18)]       # the teacher's layers the default student keeps: 7, 8, 9 dropped
 
 
-@pytest.fixture(scope="session", autouse=True)
-def one_thread():
-    """One thread: on 2 cores shared with another busy process, a greedy generate (4 rows, 24 tokens) of the student
-    took 39-57 s with two threads (OpenMP threads wait for each other) and 4-8 s with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def tokenizer(pair):
     return AutoTokenizer.from_pretrained(pair / "teacher", padding_side="left")

@@ -30,15 +30,6 @@ PROMPTS = ["12+34=", "hello world", "a", "the cat sat on", "99 bottles", "abc de
 SWITCHING = dict(k=1.5, window=3)  # greedy on the tiny pair: rows switch at different steps, mid-way (asserted)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: extra threads only add overhead on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """student/ and teacher/ (random Llamas, 32 wide 2 layers and 64 wide 3 layers, with a character tokenizer) and
