@@ -298,8 +298,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2L
 from transformers import __version__ as transformers_version, logging as hf_logging
 
 # --- Arguments: one dataclass; `--help` lists every field with its default.
-def arg(default, text: str):
-    return field(default=default, metadata={"help": f"{text} (default: {default})"})
+arg = lambda default, text: field(default=default, metadata={"help": f"{text} (default: {default})"})  # noqa: E731
 
 @dataclass
 class Args:
@@ -358,11 +357,10 @@ def require(ok: bool, message: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> Args:
     """Flags -> Args, refusing values that leave the mathematics undefined before any model is loaded."""
-    parser = HfArgumentParser(Args, description=__doc__, formatter_class=RawDescriptionHelpFormatter,
-                              exit_on_error=False)
-    try:
-        args, = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
-    except (ArgumentError, ValueError) as error:  # a bad value, an unknown flag: one line instead of argparse's exit
+    try:  # a bad value, an unknown flag: one line instead of argparse's exit
+        args, = HfArgumentParser(Args, description=__doc__, formatter_class=RawDescriptionHelpFormatter,
+                                 exit_on_error=False).parse_args_into_dataclasses(argv, look_for_args_file=False)
+    except (ArgumentError, ValueError) as error:
         raise UsageError(f"{error} (see --help)") from None
     require((args.teacher is None) == (args.student is None), "give both --teacher and --student, or neither")
     require(args.output_dir or not args.resume, "--resume needs the --output-dir of the run to continue")
@@ -399,19 +397,16 @@ def make_sequences(batch: dict, student, teacher, args: Args, stop: list[int], p
                    generator: torch.Generator | None = None) -> Rollout:
     prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]                     # [B, P]
     if args.method not in ROLLOUT_MODE:
-        response_ids, response_mask = batch["response_ids"], batch["response_mask"]         # [B, N]
+        response, response_mask = batch["response_ids"], batch["response_mask"]             # [B, N]
         nothing = torch.zeros_like(response_mask, dtype=torch.bool)                         # [B, N]
-        return Rollout(sequences=torch.cat([prompt_ids, response_ids], 1), completion_mask=response_mask,
-                       attention_mask=torch.cat([prompt_mask, response_mask], 1), from_teacher=nothing,
-                       switch_step=torch.full_like(response_mask[:, 0], -1), divergences=nothing.float(),
-                       measured=nothing)
+        return Rollout(torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, response_mask], 1),
+                       response_mask, nothing, torch.full_like(response_mask[:, 0], -1), nothing.float(), nothing)
     knobs = "max_new_tokens window k skd_top_k metric beta temperature min_history teacher_writes_switch_token"
     return rollout(student, teacher, prompt_ids, prompt_mask, ROLLOUT_MODE[args.method], eos_token_id=stop,
                    pad_token_id=pad_token_id, generator=generator, **{k: getattr(args, k) for k in knobs.split()})
 
 def sequence_stats(seqs: list[Rollout]) -> dict:
-    """(sum, count) of switch_rate, switch_pos, teacher_frac, divergence, completion_len over micro-batches (whose N
-    may differ): a step logs sum / count, the summary the sums over every step over the counts."""
+    """(sum, count) per statistic over micro-batches (N may differ): a step logs sum / count, the summary totals."""
     join = lambda key: torch.cat([getattr(s, key).flatten() for s in seqs])  # noqa: E731
     mask, switch_step, d = join("completion_mask").bool(), join("switch_step"), join("divergences")  # [sum B*N], [B]
     pair = lambda x: (x.float().sum().item(), x.numel())  # noqa: E731
@@ -441,9 +436,7 @@ def rouge_l(prediction: str, reference: str) -> float:
     precision, recall = lcs[-1] / max(len(pred), 1), lcs[-1] / max(len(ref), 1)
     return 2 * precision * recall / (precision + recall) if lcs[-1] else 0.0
 
-def number_match(prediction: str, reference: str) -> float:
-    return float((answer := final_number(prediction)) is not None and answer == final_number(reference))
-
+number_match = lambda pred, ref: float(final_number(pred) == final_number(ref) is not None)  # noqa: E731
 SCORES = {"number": number_match, "rouge": rouge_l, "exact": lambda pred, ref: float(pred.strip() == ref.strip())}
 
 @torch.no_grad()
@@ -462,8 +455,7 @@ TASKS = {  # dataset -> (hub name, config, prompt field, response field, templat
     "gsm8k": ("openai/gsm8k", "main", "question", "answer",
               "Solve the problem step by step, then give the final answer after '####'.\n\n{prompt}"),
     "dialogsum": ("knkarthick/dialogsum", None, "dialogue", "summary",
-                  "Summarize the following dialogue in a few sentences.\n\n{prompt}"),
-}
+                  "Summarize the following dialogue in a few sentences.\n\n{prompt}")}
 
 def addition_example(rng: random.Random, digits: int) -> dict:
     """'0347+0285=' -> '7+5+0=12 4+8+1=13 3+2+1=06 0+0+0=00 ####00632': column addition with its carries.
