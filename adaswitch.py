@@ -436,7 +436,7 @@ def rouge_l(prediction: str, reference: str) -> float:
     precision, recall = lcs[-1] / max(len(pred), 1), lcs[-1] / max(len(ref), 1)
     return 2 * precision * recall / (precision + recall) if lcs[-1] else 0.0
 
-number_match = lambda pred, ref: float(final_number(pred) == final_number(ref) is not None)  # noqa: E731
+number_match = lambda pred, ref: float((answer := final_number(pred)) is not None and answer == final_number(ref))  # noqa: E731
 SCORES = {"number": number_match, "rouge": rouge_l, "exact": lambda pred, ref: float(pred.strip() == ref.strip())}
 
 @torch.no_grad()
