@@ -436,7 +436,8 @@ def rouge_l(prediction: str, reference: str) -> float:
     precision, recall = lcs[-1] / max(len(pred), 1), lcs[-1] / max(len(ref), 1)
     return 2 * precision * recall / (precision + recall) if lcs[-1] else 0.0
 
-number_match = lambda pred, ref: float((answer := final_number(pred)) is not None and answer == final_number(ref))  # noqa: E731
+def number_match(prediction: str, reference: str) -> float:
+    return float((answer := final_number(prediction)) is not None and answer == final_number(reference))
 SCORES = {"number": number_match, "rouge": rouge_l, "exact": lambda pred, ref: float(pred.strip() == ref.strip())}
 
 @torch.no_grad()
