@@ -38,8 +38,7 @@ def divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, metri
         raise ValueError(f"temperature = {temperature}: logits are divided by it; use a temperature > 0")
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"logit shapes differ: {tuple(teacher_logits.shape)} != {tuple(student_logits.shape)}")
-    # float32 always: in bf16 the JSD's small differences of large terms come out negative. No division at T = 1:
-    # each pass over [..., V] costs (the division took a quarter of the loss's time).
+    # float32: bf16 turns the JSD's small differences of large terms negative. T = 1: no division (1/4 of loss time).
     t, s = (x.float() if temperature == 1 else x.float() / temperature for x in (teacher_logits, student_logits))
     log_p_t, log_p_s = F.log_softmax(t, dim=-1), F.log_softmax(s, dim=-1)  # [..., V]
     if metric in ("fkl", "rkl"):
@@ -59,7 +58,6 @@ class SwitchTracker:
     """Sliding-window switch rule for B rows; call `update` once per decoding step. The paper is silent on the warm-up:
     a row may switch once it has `min_history` divergences (default: a full window, so that an early spike cannot end
     exploration before there is an average to compare with); tau is the mean of those it has."""
-
     def __init__(self, batch_size: int, window: int, k: float, device=None, min_history: int | None = None):
         if window < 1:
             raise ValueError(f"window = {window}: the moving average needs a divergence; use window >= 1")
@@ -90,8 +88,7 @@ class SwitchTracker:
         self.step += 1
         return fire
 
-# --- Logits from hidden states. At a 150k-token vocabulary, [B, N, V] float32 logits take gigabytes and [B, N, H]
-#     hidden states megabytes: the rollout keeps the teacher's hidden states, the loss projects a chunk at a time.
+# --- Logits from hidden states, which the rollout keeps: at V = 150k, [B, N, H] take megabytes, [B, N, V] gigabytes.
 def soft_cap(model, logits: torch.Tensor) -> torch.Tensor:
     """Gemma's final soft-capping, cap * tanh(logits / cap), where the model's config has a cap."""
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -113,11 +110,10 @@ def forward(model, check: bool = False, **inputs) -> tuple[torch.Tensor, torch.T
     return logits, caught[0]
 
 # --- Rollout: one batched, KV-cached decoding loop for the four ways of writing a completion.
-#   student   the student writes every token                              (on-policy KD, GKD)
-#   teacher   the teacher writes every token                              (off-policy KD)
-#   skd       the student writes; tokens outside the teacher's top-k are resampled by the teacher (SKD)
-#   adaswitch the student writes until its row's tracker fires, the teacher writes from there on
-MODES = ("student", "teacher", "skd", "adaswitch")
+MODES = ("student",    # the student writes every token                              (on-policy KD, GKD)
+         "teacher",    # the teacher writes every token                              (off-policy KD)
+         "skd",        # the student writes; tokens outside the teacher's top-k are resampled by the teacher (SKD)
+         "adaswitch")  # the student writes until its row's tracker fires, the teacher writes from there on
 
 @dataclass
 class Rollout:
@@ -134,12 +130,6 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as Hugging Face's generate computes them: [B, T] -> [B, T]."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-def stop_ids(tokenizer, *models) -> list[int]:
-    """The tokenizer's EOS and each model's generation_config eos ids (<|im_end|>, <|eot_id|>, <end_of_turn>)."""
-    eos = [getattr(getattr(model, "generation_config", None), "eos_token_id", None) for model in models]
-    ids = {tokenizer.eos_token_id, *(i for e in eos for i in (e if isinstance(e, list) else [e]))}
-    return sorted(i for i in ids if i is not None)
-
 def sample(logits: torch.Tensor, temperature: float = 1.0, do_sample: bool = True, generator=None) -> torch.Tensor:
     """Plain temperature sampling, or argmax when do_sample is False: [B, V] -> [B]."""
     if not do_sample:
@@ -152,10 +142,9 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
             beta: float = 0.5, temperature: float = 1.0, do_sample: bool = True,
             eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, generator=None,
             min_history: int | None = None, teacher_writes_switch_token: bool = True) -> Rollout:
-    """Write a completion for every prompt in input_ids [B, P]; see MODES. The caller gives prompts padded on the
-    left (attention_mask [B, P] 0 there), every id that ends a row (eos_token_id; stop_ids() gathers them), the id
-    written after a row ends, and two models sharing a tokenizer (ids are compared one to one). Both keep a KV cache
-    and see only the new token per step. Logits are compared and sampled over the shared first min(V_s, V_t) ids."""
+    """A completion for every prompt in input_ids [B, P] (see MODES), padded on the left (attention_mask 0 there), by
+    two models sharing a tokenizer (ids compare one to one; logits over the shared first min(V_s, V_t) ids), each with
+    a KV cache, fed only the new token per step. eos_token_id: every id that ends a row (the program's stop_ids)."""
     if mode not in MODES:
         raise ValueError(f"unknown rollout mode {mode!r}; choose one of {', '.join(MODES)}")
     models = {"student": student, "teacher": teacher}
@@ -166,32 +155,26 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
     eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=input_ids.device).flatten()
     batch, device = input_ids.shape[0], input_ids.device
     tracker = SwitchTracker(batch, window, k, device, min_history) if mode == "adaswitch" else None
-    caches = {name: DynamicCache(config=models[name].config) for name in needed}
-    was_training = {name: models[name].training for name in needed}
-    for name in needed:
-        models[name].eval()
-
+    was_training = {name: models[name].training for name in needed}  # restored at the end
+    caches = {name: DynamicCache(config=models[name].eval().config) for name in needed}  # eval(): no dropout
     ids, mask, positions = input_ids, attention_mask, position_ids(attention_mask)   # [B, P] each
     done = torch.zeros(batch, dtype=torch.bool, device=device)                        # [B] row has written EOS
     steps, teacher_hidden = [], []  # per step: token, from_teacher, written, divergence, measured, each [B]
     try:
         for _ in range(max_new_tokens):
             active = ~done                                                             # [B]
-            # Once every unfinished row has switched, the student's opinion is no longer needed.
-            skip_student = tracker is not None and not (active & ~tracker.switched).any()
-            logits = {}
-            for name in (name for name in needed if not (name == "student" and skip_student)):
+            exploring = active if tracker is None else active & ~tracker.switched     # [B] unfinished, not switched
+            logits = {}  # no student forward once every unfinished row has switched: its opinion is no longer needed
+            for name in ["teacher"] if tracker is not None and not exploring.any() else needed:
                 out, hidden = forward(models[name], not steps and name == "teacher", input_ids=ids, use_cache=True,
                                       attention_mask=mask, position_ids=positions, cache=caches[name], logits_to_keep=1)
                 logits[name] = out[:, -1, :vocab]                                       # [B, V]
                 if name == "teacher":  # checked once above: the loss projects these with lm_head
                     teacher_hidden.append(hidden[:, -1])                                # [B, H]
             s_logits, t_logits = logits.get("student"), logits.get("teacher")
-            d, both = torch.zeros(batch, device=device), torch.zeros_like(done)       # [B], [B]
+            d, both = torch.zeros(batch, device=device), torch.zeros_like(done)       # [B], [B] both models ran
             if s_logits is not None and t_logits is not None:
-                d = divergence(t_logits, s_logits, metric, beta, temperature)
-                both = active if tracker is None else active & ~tracker.switched
-
+                d, both = divergence(t_logits, s_logits, metric, beta, temperature), exploring
             s_token, token = None, torch.full((batch,), pad_token_id, dtype=torch.long, device=device)  # [B]
             if mode in ("student", "teacher"):
                 by_teacher = active & (mode == "teacher")
@@ -200,12 +183,10 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
                 top = t_logits.topk(min(skd_top_k, vocab), dim=-1).indices              # [B, top_k]
                 by_teacher = (top != s_token.unsqueeze(-1)).all(-1)                    # [B] not in the teacher's top-k
             else:
-                before = tracker.switched.clone()
-                tracker.update(d, active)
+                fire = tracker.update(d, active)                                       # [B]
                 # Who writes the switch token is not in the paper: by default the teacher, since the
                 # student's distribution at that step is the one just judged too far from the teacher's.
-                by_teacher = tracker.switched if teacher_writes_switch_token else before
-
+                by_teacher = tracker.switched if teacher_writes_switch_token else tracker.switched & ~fire
             # Sample only for rows that use the sample (multinomial over V is the loop's largest cost); pad after EOS.
             student_rows, teacher_rows = active & ~by_teacher, active & by_teacher       # [B], [B]
             if student_rows.any():
@@ -223,16 +204,13 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
     finally:
         for name in needed:
             models[name].train(was_training[name])
-
     completion, by_teacher, completion_mask, divergences, measured = (torch.stack(x, 1) for x in zip(*steps))  # [B, N]
     # The first token the teacher wrote: the switch itself, or the step after it with the student writing the
     # switch token, so that switch_step means the same under both settings (off-policy: 0; SKD: first replacement).
     switch_step = torch.where(by_teacher.any(1), by_teacher.long().argmax(1), -1)     # [B]
     teacher_hidden = torch.stack(teacher_hidden, 1) if len(teacher_hidden) == len(steps) else None  # [B, N, H]
-    return Rollout(sequences=torch.cat([input_ids, completion], dim=1),                        # [B, P+N]
-                   attention_mask=torch.cat([attention_mask.long(), completion_mask], dim=1),  # [B, P+N]
-                   completion_mask=completion_mask, from_teacher=by_teacher, switch_step=switch_step,
-                   divergences=divergences, measured=measured, teacher_hidden=teacher_hidden)
+    return Rollout(torch.cat([input_ids, completion], 1), torch.cat([attention_mask.long(), completion_mask], 1),
+                   completion_mask, by_teacher, switch_step, divergences, measured, teacher_hidden)  # in field order
 
 # --- Losses: a token-level divergence between student and (detached) teacher, on completion tokens only.
 def completion_logits(logits: torch.Tensor, num_new: int) -> torch.Tensor:
@@ -240,11 +218,9 @@ def completion_logits(logits: torch.Tensor, num_new: int) -> torch.Tensor:
     return logits[:, -num_new - 1:-1]
 
 class ChunkedSum(torch.autograd.Function):
-    """The sum over chunks of rows of loss_fn(hidden[chunk] @ weight.T + bias, targets[chunk]): a linear head's raw
-    logits [C, V], a chunk at a time. With grad, each chunk's backward pass runs right after its loss: its logits
-    live briefly and are never recomputed (checkpointing would), and the head's gradient adds up in place (autograd
-    would make a [V, H] one per chunk). The gradients wait in ctx for the backward pass."""
-
+    """Sum over chunks of rows of loss_fn(hidden[chunk] @ weight.T + bias, targets[chunk]), raw logits [C, V]. With
+    grad, a chunk's backward runs right after its loss, into gradients that wait in ctx: its logits live briefly, never
+    recomputed (checkpointing would), and the head's gradient adds up in place (autograd: a [V, H] one per chunk)."""
     @staticmethod
     def forward(ctx, loss_fn, chunk_size: int, grad: bool, hidden: torch.Tensor, targets: torch.Tensor,
                 weight: torch.Tensor, bias: torch.Tensor | None):
@@ -270,23 +246,19 @@ class ChunkedSum(torch.autograd.Function):
         grad_hidden, grad_weight, *grad_bias = (grad.mul_(grad_total) for grad in grads)
         return None, None, None, grad_hidden, None, grad_weight, *(grad_bias or [None])
 
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-                 metric: str = "fkl", beta: float = 0.5, temperature: float = 1.0,
-                 num_tokens: float | None = None) -> torch.Tensor:
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, metric: str = "fkl",
+                 beta: float = 0.5, temperature: float = 1.0, num_tokens: float | None = None) -> torch.Tensor:
     """Divergence between [B, N, V] logits summed where mask [B, N] is 1, over num_tokens (default: mask.sum());
     gradient accumulation passes a whole window's count, so every token weighs the same. Only the student learns."""
     vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
     d = divergence(teacher_logits[..., :vocab].detach(), student_logits[..., :vocab], metric, beta, temperature)
-    keep = mask.bool()
-    total = torch.where(keep, d, 0.0).sum()  # where, not d * mask: inf * 0 at a masked position is NaN
-    return total / (keep.sum().clamp(min=1) if num_tokens is None else num_tokens)
+    keep = mask.bool()  # torch.where, not d * mask: inf * 0 at a masked position is NaN
+    return torch.where(keep, d, 0.0).sum() / (keep.sum().clamp(min=1) if num_tokens is None else num_tokens)
 
 def sequence_loss(student, teacher, seq: Rollout, metric: str = "fkl", beta: float = 0.5, temperature: float = 1.0,
                   num_tokens: float | None = None, chunk_size: int = 64) -> torch.Tensor:
-    """distill_loss on the completion of seq, to the teacher's hidden states kept by the rollout, else to one teacher
-    forward's; with teacher None, the tokens' negative log-likelihood (SFT). The student's last hidden states come
-    from one forward; logits exist for chunk_size completion tokens at a time (ChunkedSum), so that no [B, N, V]
-    tensor is ever made or held."""
+    """distill_loss on seq's completion, to the teacher hidden states the rollout kept, else to a teacher forward's;
+    teacher None: the tokens' negative log-likelihood (SFT). Logits exist chunk_size tokens at a time, no [B, N, V]."""
     n, keep = seq.completion_mask.shape[1], seq.completion_mask.bool()                     # N, [B, N]
     inputs = dict(input_ids=seq.sequences, attention_mask=seq.attention_mask,
                   position_ids=position_ids(seq.attention_mask), logits_to_keep=1)
@@ -326,8 +298,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2L
 from transformers import __version__ as transformers_version, logging as hf_logging
 
 # --- Arguments: one dataclass; `--help` lists every field with its default.
-def arg(default, text: str):
-    return field(default=default, metadata={"help": f"{text} (default: {default})"})
+arg = lambda default, text: field(default=default, metadata={"help": f"{text} (default: {default})"})  # noqa: E731
 
 @dataclass
 class Args:
@@ -386,11 +357,10 @@ def require(ok: bool, message: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> Args:
     """Flags -> Args, refusing values that leave the mathematics undefined before any model is loaded."""
-    parser = HfArgumentParser(Args, description=__doc__, formatter_class=RawDescriptionHelpFormatter,
-                              exit_on_error=False)
-    try:
-        args, = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
-    except (ArgumentError, ValueError) as error:  # a bad value, an unknown flag: one line instead of argparse's exit
+    try:  # a bad value, an unknown flag: one line instead of argparse's exit
+        args, = HfArgumentParser(Args, description=__doc__, formatter_class=RawDescriptionHelpFormatter,
+                                 exit_on_error=False).parse_args_into_dataclasses(argv, look_for_args_file=False)
+    except (ArgumentError, ValueError) as error:
         raise UsageError(f"{error} (see --help)") from None
     require((args.teacher is None) == (args.student is None), "give both --teacher and --student, or neither")
     require(args.output_dir or not args.resume, "--resume needs the --output-dir of the run to continue")
@@ -427,19 +397,16 @@ def make_sequences(batch: dict, student, teacher, args: Args, stop: list[int], p
                    generator: torch.Generator | None = None) -> Rollout:
     prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]                     # [B, P]
     if args.method not in ROLLOUT_MODE:
-        response_ids, response_mask = batch["response_ids"], batch["response_mask"]         # [B, N]
+        response, response_mask = batch["response_ids"], batch["response_mask"]             # [B, N]
         nothing = torch.zeros_like(response_mask, dtype=torch.bool)                         # [B, N]
-        return Rollout(sequences=torch.cat([prompt_ids, response_ids], 1), completion_mask=response_mask,
-                       attention_mask=torch.cat([prompt_mask, response_mask], 1), from_teacher=nothing,
-                       switch_step=torch.full_like(response_mask[:, 0], -1), divergences=nothing.float(),
-                       measured=nothing)
+        return Rollout(torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, response_mask], 1),
+                       response_mask, nothing, torch.full_like(response_mask[:, 0], -1), nothing.float(), nothing)
     knobs = "max_new_tokens window k skd_top_k metric beta temperature min_history teacher_writes_switch_token"
     return rollout(student, teacher, prompt_ids, prompt_mask, ROLLOUT_MODE[args.method], eos_token_id=stop,
                    pad_token_id=pad_token_id, generator=generator, **{k: getattr(args, k) for k in knobs.split()})
 
 def sequence_stats(seqs: list[Rollout]) -> dict:
-    """(sum, count) of switch_rate, switch_pos, teacher_frac, divergence, completion_len over micro-batches (whose N
-    may differ): a step logs sum / count, the summary the sums over every step over the counts."""
+    """(sum, count) per statistic over micro-batches (N may differ): a step logs sum / count, the summary totals."""
     join = lambda key: torch.cat([getattr(s, key).flatten() for s in seqs])  # noqa: E731
     mask, switch_step, d = join("completion_mask").bool(), join("switch_step"), join("divergences")  # [sum B*N], [B]
     pair = lambda x: (x.float().sum().item(), x.numel())  # noqa: E731
@@ -471,7 +438,6 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 def number_match(prediction: str, reference: str) -> float:
     return float((answer := final_number(prediction)) is not None and answer == final_number(reference))
-
 SCORES = {"number": number_match, "rouge": rouge_l, "exact": lambda pred, ref: float(pred.strip() == ref.strip())}
 
 @torch.no_grad()
@@ -490,8 +456,7 @@ TASKS = {  # dataset -> (hub name, config, prompt field, response field, templat
     "gsm8k": ("openai/gsm8k", "main", "question", "answer",
               "Solve the problem step by step, then give the final answer after '####'.\n\n{prompt}"),
     "dialogsum": ("knkarthick/dialogsum", None, "dialogue", "summary",
-                  "Summarize the following dialogue in a few sentences.\n\n{prompt}"),
-}
+                  "Summarize the following dialogue in a few sentences.\n\n{prompt}")}
 
 def addition_example(rng: random.Random, digits: int) -> dict:
     """'0347+0285=' -> '7+5+0=12 4+8+1=13 3+2+1=06 0+0+0=00 ####00632': column addition with its carries.
@@ -837,6 +802,12 @@ def teacher_score(teacher, tokenizer, batches: list[dict], args: Args, score: st
     else:
         print(f"teacher: the score of an earlier run on the same test examples, kept in {path}")
     return float(path.read_text())
+
+def stop_ids(tokenizer, *models) -> list[int]:
+    """The tokenizer's EOS and each model's generation_config eos ids (<|im_end|>, <|eot_id|>, <end_of_turn>)."""
+    eos = [getattr(getattr(model, "generation_config", None), "eos_token_id", None) for model in models]
+    ids = {tokenizer.eos_token_id, *(i for e in eos for i in (e if isinstance(e, list) else [e]))}
+    return sorted(i for i in ids if i is not None)
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
