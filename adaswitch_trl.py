@@ -18,7 +18,7 @@ from trl import DistillationConfig, DistillationTrainer
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
-from adaswitch import METRICS, MODES, Args, SwitchTracker, divergence, rollout, stop_ids
+from adaswitch import METRICS, MODES, Args, SwitchTracker, divergence, rollout, sequence_stats, stop_ids
 
 CLI = {f.name: f for f in dataclasses.fields(Args)}
 
@@ -111,19 +111,16 @@ class AdaSwitchTrainer(DistillationTrainer):
         return [row[keep].tolist() for row, keep in zip(completions, out.completion_mask.bool().cpu())]
 
     def _log_switches(self, out) -> None:
-        """Sums over this process's rows, added over all processes by one gather, then the README's four means."""
-        written = out.completion_mask.bool()                                                                # [B, N]
-        switched = out.switch_step >= 0                                                                      # [B]
-        sums = torch.stack([x.float() for x in (torch.ones_like(switched).sum(), switched.sum(),
-                            out.switch_step[switched].sum(), (out.from_teacher & written).sum(), written.sum(),
-                            out.divergences[out.measured].sum(), out.measured.sum())])                     # [7]
-        rows, switches, pos, teacher, tokens, d, measured = self.accelerator.gather(sums).view(-1, 7).sum(0).tolist()
+        """adaswitch.py's sequence_stats of this process's rows, (sum, count) per statistic, added over all processes
+        by one gather; the means of the README's four are logged."""
+        stats = sequence_stats([out])                                                      # statistic -> (sum, count)
+        sums = torch.tensor([x for pair in stats.values() for x in pair], device=self.accelerator.device)     # [2S]
+        totals = self.accelerator.gather(sums).view(-1, len(sums)).sum(0).view(-1, 2).tolist()             # [S, 2]
         mode = "train" if self.model.training else "eval"
-        nan = float("nan")  # TRL's log() drops NaN: no switch (or nothing measured) in a window logs no value
-        for name, value in (("switch_rate", switches / rows), ("switch_pos", pos / switches if switches else nan),
-                            ("teacher_frac", teacher / max(tokens, 1)),
-                            ("divergence", d / measured if measured else nan)):
-            self._metrics[mode][name].append(value)
+        for name, (total, count) in zip(stats, totals):
+            if name != "completion_len":  # TRL logs its own completion lengths
+                # TRL's log() drops NaN: no switch (or nothing measured) in a window logs no value
+                self._metrics[mode][name].append(total / count if count else float("nan"))
 
 
 def main(script_args, training_args, model_args):
