@@ -399,8 +399,10 @@ def make_sequences(batch: dict, student, teacher, args: Args, stop: list[int], p
     if args.method not in ROLLOUT_MODE:
         response, response_mask = batch["response_ids"], batch["response_mask"]             # [B, N]
         nothing = torch.zeros_like(response_mask, dtype=torch.bool)                         # [B, N]
-        return Rollout(torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, response_mask], 1),
-                       response_mask, nothing, torch.full_like(response_mask[:, 0], -1), nothing.float(), nothing)
+        return Rollout(sequences=torch.cat([prompt_ids, response], 1), completion_mask=response_mask,
+                       attention_mask=torch.cat([prompt_mask, response_mask], 1), from_teacher=nothing,
+                       switch_step=torch.full_like(response_mask[:, 0], -1), divergences=nothing.float(),
+                       measured=nothing)
     knobs = "max_new_tokens window k skd_top_k metric beta temperature min_history teacher_writes_switch_token"
     return rollout(student, teacher, prompt_ids, prompt_mask, ROLLOUT_MODE[args.method], eos_token_id=stop,
                    pad_token_id=pad_token_id, generator=generator, **{k: getattr(args, k) for k in knobs.split()})
