@@ -295,7 +295,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2L
                           PreTrainedTokenizerFast, get_linear_schedule_with_warmup)
 from transformers import __version__ as transformers_version, logging as hf_logging
 
-# --- Arguments: one dataclass; `--help` lists every field with its default.
+# --- Arguments: one dataclass, `--help` lists every field with its default. Groups: the run, models and data,
+# training, AdaSwitch (L, K, d_i), baselines.
 arg = lambda default, text: field(default=default, metadata={"help": f"{text} (default: {default})"})  # noqa: E731
 
 @dataclass
@@ -309,7 +310,6 @@ class Args:
     log_every: int = arg(10, "steps between lines of metrics.jsonl")
     eval_every: int = arg(0, "steps between evaluations during training (0: only before and after)")
     teacher_cache: str = arg("runs/teacher-scores", "teacher scores kept for later runs, keyed by all they depend on")
-    # models and data
     teacher: str | None = arg(None, "teacher: hub id or local folder; None: the built-in toy teacher")
     student: str | None = arg(None, "student: hub id or local folder; None: the built-in toy student")
     dataset: str = arg("toy", "toy (addition), toy_summary, gsm8k, dialogsum, or a local .json/.jsonl/.csv file")
@@ -324,7 +324,6 @@ class Args:
     toy_teacher_steps: int | None = arg(None, "toy tasks: SFT steps of the teacher; None: 600, 3000 for toy_summary")
     toy_student_steps: int = arg(400, "toy tasks: SFT warm-up steps for the student (cached in --toy-dir)")
     toy_dir: str = arg("runs/toy", "toy tasks: where the trained toy teacher and student are cached")
-    # training
     method: Literal["sft", "supervised_kd", "off_policy", "on_policy", "skd", "adaswitch"] = arg(
         "adaswitch", "how training sequences are made")
     max_steps: int = arg(300, "optimizer steps")
@@ -336,13 +335,11 @@ class Args:
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
     loss: Literal[METRICS] = arg("fkl", "token-level training divergence to the teacher")
     temperature: float = arg(1.0, "sampling temperature of rollouts; also divides logits in the divergences")
-    # AdaSwitch
     window: int = arg(8, "L: how many past divergences the moving average covers")
     k: float = arg(1.5, "K: switch when d_i > K * moving average (inf: never)")
     metric: Literal[METRICS] = arg("fkl", "divergence d_i used by the switch rule")
     min_history: int | None = arg(None, "divergences a row needs before it may switch; None: window")
     teacher_writes_switch_token: bool = arg(True, "the teacher writes the token at the switch step")
-    # baselines
     skd_top_k: int | None = arg(None, "SKD: the teacher replaces tokens outside its top-k; None: 25, 2 on the toys")
     beta: float = arg(0.5, "generalized JSD mixing weight (--loss/--metric jsd), in (0, 1)")
 
