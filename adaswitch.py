@@ -580,10 +580,9 @@ def encode(rows: list[dict], tokenizer, args: Args) -> list[dict]:
         turns = [render(row["prompt"], row["response"]) for row in rows]
         require(all(turn.startswith(prompt) for turn, prompt in zip(turns, prompts)),
                 "the chat template's conversation does not extend its prompt; use --no-chat-template")
-        responses = tokenizer([t[len(p):] for t, p in zip(turns, prompts)], add_special_tokens=False)["input_ids"]
-    else:
-        responses = [r + [tokenizer.eos_token_id] for r in
-                     tokenizer([row["response"] for row in rows], add_special_tokens=False)["input_ids"]]
+    texts = [t[len(p):] for t, p in zip(turns, prompts)] if chat else [row["response"] for row in rows]
+    eos = [] if chat else [tokenizer.eos_token_id]  # a chat template ends the turn itself
+    responses = [r + eos for r in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     return [{"prompt": p, "response": r[:args.max_new_tokens], "reference": row["response"]}
             for p, r, row in zip(prompt_ids, responses, rows) if p]
 
