@@ -600,9 +600,8 @@ def batch_stream(examples: list[dict], batch_size: int, pad_token_id: int, devic
     loader = DataLoader(examples, min(batch_size, len(examples)), shuffle=seed is not None, drop_last=seed is not None,
                         collate_fn=lambda rows: collate(rows, pad_token_id, device),
                         generator=None if seed is None else torch.Generator().manual_seed(seed))
-    yield from loader
-    while seed is not None:
-        yield from loader
+    passes = [loader] if seed is None else itertools.repeat(loader)  # not itertools.cycle: it replays one shuffle
+    yield from itertools.chain.from_iterable(passes)
 
 # --- Training loop: AdamW steps on the method's sequences, a checkpoint every --save-every steps.
 def save_pretrained(folder: Path, *parts) -> None:
