@@ -8,8 +8,7 @@ to match the teacher on every token of the mixed sequence. Paper: Peng et al., A
     python adaswitch.py --teacher Qwen/Qwen2.5-7B-Instruct --student Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k
     python -m pytest -q test_adaswitch.py                      # the tests
 
-The method (divergences, switch tracker, rollout, losses) between the '=' lines below uses nothing after them: copy it.
-"""
+The method (divergences, switch tracker, rollout, losses) between the '=' lines uses nothing after them: copy it."""
 # ============================================ AdaSwitch: the method ============================================
 # Shapes: B batch, P prompt length, N new tokens, V vocabulary. Needs torch and transformers >= 5.24.
 import math
