@@ -804,8 +804,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started, (train_rows, test_rows) = time.perf_counter(), load_rows(args)  # bad data: stop before loading models
     out, given, state = Path(args.output_dir), args, open_run(args, Path(args.output_dir))
-    if args.teacher is None:
-        args = prepare_toy(args, device)
+    args = prepare_toy(args, device) if args.teacher is None else args
     args, tokenizer, teacher, student = load_models(args, device, state and state["student"])
     stop, pad = stop_ids(tokenizer, teacher, student), tokenizer.pad_token_id
     train_batches = batch_stream(encode(train_rows, tokenizer, args), args.batch_size, pad, device, seed=args.seed)
