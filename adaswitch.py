@@ -2,15 +2,13 @@
 
 The student writes each sequence until its next-token distribution drifts too far from the teacher's (d_i > k *
 mean of the last `window` divergences); from that step on the teacher writes the rest. The student is then trained
-to match the teacher on every token of the mixed sequence. Paper: Peng et al., "AdaSwitch: Balancing Exploration
-and Guidance in Knowledge Distillation via Adaptive Switching", arXiv 2510.07842.
+to match the teacher on every token of the mixed sequence. Paper: Peng et al., AdaSwitch, arXiv 2510.07842.
 
     python adaswitch.py                                        # offline default: toy task, tiny models
     python adaswitch.py --teacher Qwen/Qwen2.5-7B-Instruct --student Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k
     python -m pytest -q test_adaswitch.py                      # the tests
 
-The method (divergences, switch tracker, rollout, losses) between the '=' lines below uses nothing after them: copy it.
-"""
+The method (divergences, switch tracker, rollout, losses) between the '=' lines uses nothing after them: copy it."""
 # ============================================ AdaSwitch: the method ============================================
 # Shapes: B batch, P prompt length, N new tokens, V vocabulary. Needs torch and transformers >= 5.24.
 import math
@@ -289,7 +287,6 @@ from dataclasses import asdict, field, replace
 from pathlib import Path
 from typing import Literal
 
-from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -297,7 +294,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2L
                           PreTrainedTokenizerFast, get_linear_schedule_with_warmup)
 from transformers import __version__ as transformers_version, logging as hf_logging
 
-# --- Arguments: one dataclass; `--help` lists every field with its default.
+# --- Arguments: one dataclass, `--help` lists every field with its default. Groups: the run, models and data,
+# training, AdaSwitch (L, K, d_i), baselines.
 arg = lambda default, text: field(default=default, metadata={"help": f"{text} (default: {default})"})  # noqa: E731
 
 @dataclass
@@ -311,7 +309,6 @@ class Args:
     log_every: int = arg(10, "steps between lines of metrics.jsonl")
     eval_every: int = arg(0, "steps between evaluations during training (0: only before and after)")
     teacher_cache: str = arg("runs/teacher-scores", "teacher scores kept for later runs, keyed by all they depend on")
-    # models and data
     teacher: str | None = arg(None, "teacher: hub id or local folder; None: the built-in toy teacher")
     student: str | None = arg(None, "student: hub id or local folder; None: the built-in toy student")
     dataset: str = arg("toy", "toy (addition), toy_summary, gsm8k, dialogsum, or a local .json/.jsonl/.csv file")
@@ -326,7 +323,6 @@ class Args:
     toy_teacher_steps: int | None = arg(None, "toy tasks: SFT steps of the teacher; None: 600, 3000 for toy_summary")
     toy_student_steps: int = arg(400, "toy tasks: SFT warm-up steps for the student (cached in --toy-dir)")
     toy_dir: str = arg("runs/toy", "toy tasks: where the trained toy teacher and student are cached")
-    # training
     method: Literal["sft", "supervised_kd", "off_policy", "on_policy", "skd", "adaswitch"] = arg(
         "adaswitch", "how training sequences are made")
     max_steps: int = arg(300, "optimizer steps")
@@ -338,13 +334,11 @@ class Args:
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
     loss: Literal[METRICS] = arg("fkl", "token-level training divergence to the teacher")
     temperature: float = arg(1.0, "sampling temperature of rollouts; also divides logits in the divergences")
-    # AdaSwitch
     window: int = arg(8, "L: how many past divergences the moving average covers")
     k: float = arg(1.5, "K: switch when d_i > K * moving average (inf: never)")
     metric: Literal[METRICS] = arg("fkl", "divergence d_i used by the switch rule")
     min_history: int | None = arg(None, "divergences a row needs before it may switch; None: window")
     teacher_writes_switch_token: bool = arg(True, "the teacher writes the token at the switch step")
-    # baselines
     skd_top_k: int | None = arg(None, "SKD: the teacher replaces tokens outside its top-k; None: 25, 2 on the toys")
     beta: float = arg(0.5, "generalized JSD mixing weight (--loss/--metric jsd), in (0, 1)")
 
@@ -427,8 +421,7 @@ def final_number(text: str) -> str | None:
     return number.rstrip("0").rstrip(".") if number and "." in number else number
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 from the longest common subsequence of tokens, tokenized as the rouge_score package does by
-    default (lower case; every run of characters other than a-z and 0-9 separates), so scores compare."""
+    """ROUGE-L F1 (longest common subsequence) over rouge_score's default tokens: lower-case runs of a-z and 0-9."""
     pred, ref = (re.findall(r"[a-z0-9]+", text.lower()) for text in (prediction, reference))
     lcs = [0] * (len(ref) + 1)  # lcs[j]: LCS of the prediction so far and ref[:j]
     for p in pred:
@@ -485,8 +478,7 @@ def summary_example(rng: random.Random, digits: int) -> dict:
 TOY_TASKS = {"toy": addition_example, "toy_summary": summary_example}
 
 def toy_rows(task: str, digits: int, test_size: int, train_size: int = 20000) -> tuple[list[dict], list[dict]]:
-    """Train and test rows of a toy task from two fixed streams. A prompt is for testing when its CRC-32 is divisible
-    by 10, so no test prompt is ever trained on, whatever test_size (which only truncates the test stream)."""
+    """Train and test rows from two fixed streams; test prompts (CRC-32 divisible by 10) are never trained on."""
     make, held_out = TOY_TASKS[task], lambda row: zlib.crc32(row["prompt"].encode()) % 10 == 0  # noqa: E731
     test_rng, train_rng = random.Random(f"{task}-test-{digits}"), random.Random(f"{task}-train-{digits}")
     test = itertools.islice(filter(held_out, (make(test_rng, digits) for _ in itertools.count())), test_size)
@@ -587,10 +579,9 @@ def encode(rows: list[dict], tokenizer, args: Args) -> list[dict]:
         turns = [render(row["prompt"], row["response"]) for row in rows]
         require(all(turn.startswith(prompt) for turn, prompt in zip(turns, prompts)),
                 "the chat template's conversation does not extend its prompt; use --no-chat-template")
-        responses = tokenizer([t[len(p):] for t, p in zip(turns, prompts)], add_special_tokens=False)["input_ids"]
-    else:
-        responses = [r + [tokenizer.eos_token_id] for r in
-                     tokenizer([row["response"] for row in rows], add_special_tokens=False)["input_ids"]]
+    texts = [t[len(p):] for t, p in zip(turns, prompts)] if chat else [row["response"] for row in rows]
+    eos = [] if chat else [tokenizer.eos_token_id]  # a chat template ends the turn itself
+    responses = [r + eos for r in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     return [{"prompt": p, "response": r[:args.max_new_tokens], "reference": row["response"]}
             for p, r, row in zip(prompt_ids, responses, rows) if p]
 
@@ -598,7 +589,7 @@ def collate(examples: list[dict], pad_token_id: int, device) -> dict:
     """Left-padded prompts [B, P] and right-padded responses [B, N], with their masks."""
     def pad(key: str, side: str, mask: bool = False) -> torch.Tensor:
         rows = [torch.ones(len(e[key]), dtype=torch.long) if mask else torch.tensor(e[key]) for e in examples]
-        return pad_sequence(rows, True, 0 if mask else pad_token_id, side).to(device)
+        return torch.nn.utils.rnn.pad_sequence(rows, True, 0 if mask else pad_token_id, side).to(device)
     return {"prompt_ids": pad("prompt", "left"), "prompt_mask": pad("prompt", "left", mask=True),
             "response_ids": pad("response", "right"), "response_mask": pad("response", "right", mask=True),
             "references": [e["reference"] for e in examples]}
@@ -608,9 +599,8 @@ def batch_stream(examples: list[dict], batch_size: int, pad_token_id: int, devic
     loader = DataLoader(examples, min(batch_size, len(examples)), shuffle=seed is not None, drop_last=seed is not None,
                         collate_fn=lambda rows: collate(rows, pad_token_id, device),
                         generator=None if seed is None else torch.Generator().manual_seed(seed))
-    yield from loader
-    while seed is not None:
-        yield from loader
+    passes = [loader] if seed is None else itertools.repeat(loader)  # not itertools.cycle: it replays one shuffle
+    yield from itertools.chain.from_iterable(passes)
 
 # --- Training loop: AdamW steps on the method's sequences, a checkpoint every --save-every steps.
 def save_pretrained(folder: Path, *parts) -> None:
@@ -636,8 +626,7 @@ def save_checkpoint(out: Path, student, tokenizer, state: dict) -> None:
 
 def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], test_batches: list[dict] | None = None,
           score: str = "exact", out: Path | None = None, state: dict | None = None, desc: str = "distill") -> dict:
-    """AdamW, linear warm-up and decay; each step: make the sequences, score them, clip, step; evaluate, log and save
-    into out. Returns {statistic: [sum, count]} and the steps' seconds over the whole run (a resumed one's included)."""
+    """Each step: make the sequences, score them, clip, step; evaluate, log, save. Returns the run's [sum, count]s."""
     student.train()
     # fused: one kernel per step, no temporary the size of a parameter (as Trainer's default, adamw_torch_fused)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
@@ -693,8 +682,7 @@ def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], tes
 
 # --- Main: the toy models of the default run, loading, the run's folder, evaluation, training, the report.
 def prepare_toy(args: Args, device) -> Args:
-    """The toy models of --dataset toy / toy_summary, both trained by SFT once and cached in --toy-dir: a teacher that
-    solves the task almost always, and a smaller student warmed up briefly. Returns args pointing at their folders."""
+    """A toy teacher that solves the task and a smaller student warmed up briefly: trained once, cached in --toy-dir."""
     tokenizer, rows = char_tokenizer(), toy_rows(args.dataset, args.toy_digits, 0)[0]
     longest = max(len(row["response"]) for row in rows) + 1  # + EOS
     # Fixed SFT settings (Args' defaults, lr 3e-3, warm-up 0.05): the models depend on the --toy-* flags (all in the
@@ -788,8 +776,7 @@ def open_run(args: Args, out: Path) -> dict | None:
     return {**state, "student": path.parent / "student"}
 
 def teacher_score(teacher, tokenizer, batches: list[dict], args: Args, score: str, stop: list[int]) -> float:
-    """The teacher's evaluate() score, kept in --teacher-cache/<key> for later runs, the key a hash of all it depends
-    on: the teacher (id and revision, or its files' sizes and times), the device, the test batches, the evaluation."""
+    """The teacher's evaluate() score, kept in --teacher-cache for later runs under a hash of all it depends on."""
     files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
              for p in sorted(Path(args.teacher).expanduser().glob("*"))]
     key = [args.teacher, getattr(teacher.config, "_commit_hash", None), files, args.dtype, str(teacher.device),
@@ -817,8 +804,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started, (train_rows, test_rows) = time.perf_counter(), load_rows(args)  # bad data: stop before loading models
     out, given, state = Path(args.output_dir), args, open_run(args, Path(args.output_dir))
-    if args.teacher is None:
-        args = prepare_toy(args, device)
+    args = prepare_toy(args, device) if args.teacher is None else args
     args, tokenizer, teacher, student = load_models(args, device, state and state["student"])
     stop, pad = stop_ids(tokenizer, teacher, student), tokenizer.pad_token_id
     train_batches = batch_stream(encode(train_rows, tokenizer, args), args.batch_size, pad, device, seed=args.seed)
@@ -828,8 +814,7 @@ def main(argv: list[str] | None = None) -> dict:
     if state is not None:  # metrics.jsonl continues from the checkpoint, the data after the batches it used
         print(f"resuming from step {state['step']} of {out}")
         train_batches = itertools.islice(train_batches, state["step"] * args.grad_accum, None)
-        records = [r for r in map(json.loads, log.read_text().splitlines()) if r["step"] <= state["step"]]
-        log.write_text("".join(json.dumps(r) + "\n" for r in records))
+        log.write_text("".join(r for r in log.read_text().splitlines(True) if json.loads(r)["step"] <= state["step"]))
     else:  # a new run: its folder is written only now that the data and the models have loaded
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(asdict(given), indent=1))
