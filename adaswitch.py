@@ -478,7 +478,8 @@ def summary_example(rng: random.Random, digits: int) -> dict:
 TOY_TASKS = {"toy": addition_example, "toy_summary": summary_example}
 
 def toy_rows(task: str, digits: int, test_size: int, train_size: int = 20000) -> tuple[list[dict], list[dict]]:
-    """Train and test rows from two fixed streams; test prompts (CRC-32 divisible by 10) are never trained on."""
+    """Train and test rows from two fixed streams; test prompts (CRC-32 divisible by 10) are never trained on,
+    whatever test_size, which only truncates the test stream."""
     make, held_out = TOY_TASKS[task], lambda row: zlib.crc32(row["prompt"].encode()) % 10 == 0  # noqa: E731
     test_rng, train_rng = random.Random(f"{task}-test-{digits}"), random.Random(f"{task}-train-{digits}")
     test = itertools.islice(filter(held_out, (make(test_rng, digits) for _ in itertools.count())), test_size)
@@ -682,7 +683,8 @@ def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], tes
 
 # --- Main: the toy models of the default run, loading, the run's folder, evaluation, training, the report.
 def prepare_toy(args: Args, device) -> Args:
-    """A toy teacher that solves the task and a smaller student warmed up briefly: trained once, cached in --toy-dir."""
+    """A toy teacher that solves the task and a smaller student warmed up briefly, trained once and cached in
+    --toy-dir; returns args with --teacher and --student pointing at their folders."""
     tokenizer, rows = char_tokenizer(), toy_rows(args.dataset, args.toy_digits, 0)[0]
     longest = max(len(row["response"]) for row in rows) + 1  # + EOS
     # Fixed SFT settings (Args' defaults, lr 3e-3, warm-up 0.05): the models depend on the --toy-* flags (all in the
