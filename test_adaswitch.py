@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten
 from transformers import (AutoModelForCausalLM, AutoTokenizer, CohereConfig, CohereForCausalLM, Gemma2Config,
                           Gemma2ForCausalLM, GPT2Config,
                           GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM)
+                          PhiConfig, PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 import adaswitch as A
 from adaswitch import (METRICS, MODES, SwitchTracker, completion_logits, distill_loss, divergence,
@@ -559,6 +559,7 @@ FAMILIES = {
                                                   sliding_window=4, max_window_layers=0)),
     "mistral": (MistralForCausalLM, MistralConfig, dict(initializer_range=0.5, sliding_window=4)),
     "gemma2": (Gemma2ForCausalLM, Gemma2Config, dict(initializer_range=0.02, sliding_window=4, head_dim=8)),
+    "phi": (PhiForCausalLM, PhiConfig, dict(initializer_range=0.5)),  # its output layer has a bias
 }
 
 
@@ -569,7 +570,10 @@ def tiny_family(family: str, seed: int = 0, **overrides):
     shape = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=64)
     config = config_class(bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD, **{**shape, **extra, **overrides})
-    return model_class(config).eval()
+    model = model_class(config).eval()
+    if model.lm_head.bias is not None:  # initialized to 0: random, so that a head that drops it computes otherwise
+        torch.nn.init.normal_(model.lm_head.bias.data)
+    return model
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -698,7 +702,7 @@ def test_chunked_loss_and_gradient_equal_the_full_logits_ones(family, prompts):
     """sequence_loss, a chunk of 3 tokens at a time (a chunk size that does not divide the token count), with the
     rollout's teacher hidden states or a teacher forward, == the loss of whole logits, and so do the student's
     gradients: every divergence, SFT, two temperatures; rows that end early (masked positions); a teacher wider than
-    the student; Gemma 2's soft-capped logits."""
+    the student; Gemma 2's soft-capped logits; Phi's output layer with a bias."""
     cap = dict(final_logit_softcapping=2.0) if family == "gemma2" else {}  # 30 would barely touch these logits
     make = (lambda seed, width: tiny_gpt2(V, seed, n_embd=width)) if family == "gpt2" else \
         (lambda seed, width: tiny_family(family, seed, hidden_size=width, **cap))
