@@ -2,7 +2,8 @@
 
 The student writes each sequence until its next-token distribution drifts too far from the teacher's (d_i > k *
 mean of the last `window` divergences); from that step on the teacher writes the rest. The student is then trained
-to match the teacher on every token of the mixed sequence. Paper: Peng et al., AdaSwitch, arXiv 2510.07842.
+to match the teacher on every token of the mixed sequence. Paper: Peng et al., "AdaSwitch: Balancing Exploration
+and Guidance in Knowledge Distillation via Adaptive Switching", arXiv 2510.07842.
 
     python adaswitch.py                                        # offline default: toy task, tiny models
     python adaswitch.py --teacher Qwen/Qwen2.5-7B-Instruct --student Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k
@@ -600,8 +601,9 @@ def batch_stream(examples: list[dict], batch_size: int, pad_token_id: int, devic
     loader = DataLoader(examples, min(batch_size, len(examples)), shuffle=seed is not None, drop_last=seed is not None,
                         collate_fn=lambda rows: collate(rows, pad_token_id, device),
                         generator=None if seed is None else torch.Generator().manual_seed(seed))
-    passes = [loader] if seed is None else itertools.repeat(loader)  # not itertools.cycle: it replays one shuffle
-    yield from itertools.chain.from_iterable(passes)
+    yield from loader
+    while seed is not None:  # each pass over the loader reshuffles (itertools.cycle would replay the first pass)
+        yield from loader
 
 # --- Training loop: AdamW steps on the method's sequences, a checkpoint every --save-every steps.
 def save_pretrained(folder: Path, *parts) -> None:
@@ -627,7 +629,8 @@ def save_checkpoint(out: Path, student, tokenizer, state: dict) -> None:
 
 def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], test_batches: list[dict] | None = None,
           score: str = "exact", out: Path | None = None, state: dict | None = None, desc: str = "distill") -> dict:
-    """Each step: make the sequences, score them, clip, step; evaluate, log, save. Returns the run's [sum, count]s."""
+    """AdamW, linear warm-up and decay; each step: make the sequences, score them, clip, step; evaluate, log and save
+    into out. Returns {statistic: [sum, count]} and the steps' seconds over the whole run (a resumed one's included)."""
     student.train()
     # fused: one kernel per step, no temporary the size of a parameter (as Trainer's default, adamw_torch_fused)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
