@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -110,6 +111,8 @@ def measure(runner: str, folder: Path, batch: int, new_tokens: int, threads: int
                   "teacher_frac": steps[1]["teacher_frac"]}
     else:
         result = json.loads((out / "result.json").read_text())
+    shutil.rmtree(out)  # adaswitch.py's final checkpoint of the Gemma student alone is 3.9 GB
+    out.with_suffix(".log").unlink()
     return {**result, "rss_gb": usage.ru_maxrss / 2**20, "load": load}  # ru_maxrss: KiB on Linux
 
 
@@ -175,6 +178,7 @@ def main() -> None:
             print(f"{row:10} {runner:18} {m['first_s']:9.2f} {m['step_s']:9.2f} {m['step_s'] / base['step_s']:6.2f} "
                   f"{m['rss_gb']:8.2f} {m['rss_gb'] / base['rss_gb']:6.2f} {m['completion_len']:6.1f} "
                   f"{m['teacher_frac']:7.2f} {m['load']:5.2f}", flush=True)
+        shutil.rmtree(folder)  # the GPT-2 pairs' weights; the Gemma pair is linked from its cache, which stays
 
 
 if __name__ == "__main__":
