@@ -851,3 +851,5 @@ if __name__ == "__main__":
         main()
     except UsageError as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # Ctrl-C: checkpoints are whole (see save_checkpoint), so say how to go on
+        sys.exit("interrupted: run the same command with --resume to continue from the last checkpoint")

@@ -1508,6 +1508,27 @@ def test_resume_equals_the_uninterrupted_run(saved, tmp_path, method, monkeypatc
     assert [p.name for p in (tmp_path / "cut").glob("checkpoint-*")] == ["checkpoint-5"]
 
 
+def test_ctrl_c_ends_a_run_with_one_line_and_resume_continues_it(saved, tmp_path):
+    """SIGINT (Ctrl-C) in the middle of training: exit code 1 and one stderr line saying how to continue, no
+    traceback; the checkpoint written before it is whole, and --resume runs the rest to the end."""
+    out = tmp_path / "run"
+    command = [sys.executable, str(SCRIPT), *cli_args(saved, out, "--max-steps", "40", "--save-every", "2")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (out / "metrics.jsonl").exists() or len(logged(out)) < 4:
+            assert process.poll() is None, "the run ended before it could be interrupted"
+            time.sleep(0.005)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: run the same command with --resume"), stderr
+    assert [p for p in out.glob("checkpoint-*") if (p / "state.pt").is_file()]
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and max(r["step"] for r in logged(out)) == 40, resumed.stderr[-2000:]
+
+
 def test_a_killed_run_resumes_to_the_same_student(saved, tmp_path):
     """SIGKILL in the middle of training loses at most --save-every steps, and --resume ends with the student of a
     run that was never killed. An interrupted save (a checkpoint folder without state.pt) is passed over."""
