@@ -472,8 +472,9 @@ def test_teacher_hidden_states_give_the_logits_of_a_fresh_forward(student, teach
                                                 ("teacher", "fkl", 1.5, 0.5), ("student", "fkl", 1.5, 0.5)])
 def test_divergences_where_both_models_ran(student, teacher, prompts, mode, metric, k, beta):
     """divergences is nonzero exactly where both models ran (adaswitch: up to and including the switch step,
-    unfinished rows only) and there equals divergence() of fresh teacher and student logits, beta included."""
-    _, ro = run_with_eos(student, teacher, prompts, mode, window=2, k=k, skd_top_k=5, metric=metric, beta=beta)
+    unfinished rows only) and there equals divergence() of fresh teacher and student logits, switch_beta included."""
+    _, ro = run_with_eos(student, teacher, prompts, mode, window=2, k=k, skd_top_k=5, switch_metric=metric,
+                         switch_beta=beta)
     keep = ro.completion_mask.bool()
     steps = torch.arange(keep.shape[1])
     if mode in ("student", "teacher"):
@@ -1199,7 +1200,8 @@ BAD_INPUTS = [
     ("temperature-0", lambda s, t: NO_MODELS + ["--temperature", "0"], {}, [flag_name("--temperature")]),
     ("temperature-nan", lambda s, t: NO_MODELS + ["--temperature", "nan"], {}, [flag_name("--temperature")]),
     ("beta-1-loss-jsd", lambda s, t: NO_MODELS + ["--loss", "jsd", "--beta", "1"], {}, [flag_name("--beta")]),
-    ("beta-0-metric-jsd", lambda s, t: NO_MODELS + ["--metric", "jsd", "--beta", "0"], {}, [flag_name("--beta")]),
+    ("switch-beta-0-switch-metric-jsd", lambda s, t: NO_MODELS + ["--switch-metric", "jsd", "--switch-beta", "0"], {},
+     [flag_name("--switch-beta")]),
     ("lr-0", lambda s, t: NO_MODELS + ["--lr", "0"], {}, [flag_name("--lr")]),
     ("warmup-ratio-1.5", lambda s, t: NO_MODELS + ["--warmup-ratio", "1.5"], {}, [flag_name("--warmup-ratio")]),
     ("student-folder-missing", lambda s, t: ["--student", str(t / "no-such-student")], {}, [r"no-such-student"]),
@@ -1270,7 +1272,8 @@ def test_bad_input_is_one_line_through_the_cli(saved, tmp_path, case, extra, env
 
 @pytest.mark.parametrize("flags", [
     ["--temperature", "0"], ["--temperature", "-1"], ["--temperature", "nan"], ["--temperature", "inf"],
-    ["--loss", "jsd", "--beta", "0"], ["--loss", "jsd", "--beta", "1"], ["--metric", "jsd", "--beta", "1"],
+    ["--loss", "jsd", "--beta", "0"], ["--loss", "jsd", "--beta", "1"],
+    ["--switch-metric", "jsd", "--switch-beta", "0"], ["--switch-metric", "jsd", "--switch-beta", "1"],
     ["--window", "0"], ["--k", "-1"], ["--k", "nan"], ["--lr", "0"], ["--lr", "nan"], ["--lr", "-1e-4"],
     ["--warmup-ratio", "1.5"], ["--warmup-ratio", "-0.1"], ["--seed", "-1"], ["--weight-decay", "inf"],
 ], ids=" ".join)
@@ -1278,6 +1281,15 @@ def test_parse_args_refuses_undefined_mathematics(flags):
     """Flag values that make the mathematics undefined are refused by parse_args, naming the flag."""
     with pytest.raises(A.UsageError, match=flag_name(flags[-2])):
         A.parse_args(flags)
+
+
+def test_each_jsd_weight_is_checked_only_for_its_own_divergence():
+    """--beta weighs the loss's JSD, --switch-beta the switch rule's: a weight outside (0, 1) is fine where its own
+    divergence is not a JSD, whatever the other divergence is."""
+    args = A.parse_args(["--switch-metric", "jsd", "--beta", "0", "--loss", "fkl"])
+    assert (args.switch_metric, args.switch_beta, args.loss, args.beta) == ("jsd", 0.5, "fkl", 0.0)
+    args = A.parse_args(["--loss", "jsd", "--switch-beta", "1", "--switch-metric", "tvd"])
+    assert (args.loss, args.beta, args.switch_metric, args.switch_beta) == ("jsd", 0.5, "tvd", 1.0)
 
 
 def test_rows_with_missing_null_or_blank_fields_are_dropped_and_counted(tmp_path, capsys):
