@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -1335,6 +1336,36 @@ def test_bfloat16_teacher_and_float32_student_in_memory(saved, tmp_path, monkeyp
     monkeypatch.setattr(A, "train", spy)
     A.main(cli_args(saved, tmp_path, "--method", "adaswitch", "--dtype", "bfloat16"))
     assert seen == {"teacher": {torch.bfloat16}, "student": {torch.float32}}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_autocast_rule_per_dtype_and_device(dtype, device):
+    """--dtype bfloat16: bf16 autocast on any device; --dtype float32: no autocast, on a GPU too. The context object is
+    inspected, so no GPU is needed (entered, a cuda autocast would need one)."""
+    with warnings.catch_warnings():  # torch warns, building a cuda autocast on a machine without CUDA
+        warnings.simplefilter("ignore")
+        context = A.training_autocast(dtype, torch.device(device))
+    if dtype == "float32":
+        assert not isinstance(context, torch.autocast), context
+    else:
+        assert isinstance(context, torch.autocast) and (context.device, context.fast_dtype) == (device, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_training_step_enters_the_autocast_of_its_dtype(saved, tmp_path, monkeypatch, dtype):
+    """Through the CLI on the CPU: every loss of a step is computed under bf16 autocast with --dtype bfloat16, and
+    under none with --dtype float32 (the rollout of the step runs in the same context)."""
+    seen, loss = [], A.sequence_loss
+
+    def spy(*args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(A, "sequence_loss", spy)
+    A.main(cli_args(saved, tmp_path, "--method", "adaswitch", "--dtype", dtype))
+    assert len(seen) == 2  # two steps of one micro-batch
+    assert set(seen) == {(True, torch.bfloat16)} if dtype == "bfloat16" else {enabled for enabled, _ in seen} == {False}
 
 
 @pytest.mark.parametrize("method", ["sft", "supervised_kd"])
