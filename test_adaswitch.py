@@ -814,16 +814,26 @@ def test_statistics_count_measured_zero_divergences():
     assert mean["divergence"] == 1.5 and mean["switch_pos"] == 2 and mean["teacher_frac"] == pytest.approx(1 / 3)
 
 
-def test_the_method_block_runs_alone(tmp_path):
-    """The block between the '=' lines of adaswitch.py, copied alone as a reader would, runs in a fresh process where
-    adaswitch.py cannot be imported: an AdaSwitch rollout on tiny models switches as the main tests require, and its
-    loss sends gradients to the student only. A name defined below the block would fail here."""
+def run_with_the_copied_block(tmp_path: Path, code: str) -> subprocess.CompletedProcess:
+    """code run by a fresh python in a folder that holds only adaswitch_method.py: the block between the '=' lines of
+    adaswitch.py, copied alone as the README's sed command copies it (at most 270 lines). adaswitch.py cannot be
+    imported there, so a name defined below the block fails."""
     lines = Path(A.__file__).read_text().splitlines()
     marks = [i for i, line in enumerate(lines) if re.fullmatch(r"# =+ .* =+", line)]
     assert len(marks) == 2 and "the method" in lines[marks[0]] and "end of the method" in lines[marks[1]]
-    block = "\n".join(lines[marks[0]:marks[1] + 1])
-    assert len(block.splitlines()) <= 270
-    check = """
+    block = lines[marks[0]:marks[1] + 1]
+    assert len(block) <= 270
+    (tmp_path / "adaswitch_method.py").write_text("\n".join(block) + "\n")
+    (tmp_path / "main.py").write_text(code)
+    return subprocess.run([sys.executable, "main.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ""})
+
+
+def test_the_method_block_runs_alone(tmp_path):
+    """The copied block runs alone: an AdaSwitch rollout on tiny models switches as the main tests require, and its
+    loss sends gradients to the student only."""
+    check = """import torch
+from adaswitch_method import SwitchTracker, rollout, sequence_loss
 from transformers import GPT2Config, GPT2LMHeadModel
 def tiny(seed, width):
     torch.manual_seed(seed)
@@ -847,10 +857,20 @@ assert loss > 0 and student.lm_head.weight.grad.abs().sum() > 0
 assert all(p.grad is None for p in teacher.parameters())
 print("copied block ok")
 """
-    (tmp_path / "copied.py").write_text(block + "\n" + check)
-    result = subprocess.run([sys.executable, "copied.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": ""})
+    result = run_with_the_copied_block(tmp_path, check)
     assert result.returncode == 0 and "copied block ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_the_readme_snippet_runs_with_the_copied_block(tmp_path):
+    """The first python block after the README's heading '## The method in your own trainer' runs as printed beside
+    the copied block alone (nothing of the program, such as stop_ids), on its tiny random models."""
+    readme = (Path(A.__file__).parent / "README.md").read_text()
+    section = readme.split("\n## The method in your own trainer\n", 1)
+    assert len(section) == 2, "README.md has no heading '## The method in your own trainer'"
+    snippet = re.search(r"```python\n(.*?)```", section[1], re.DOTALL).group(1)
+    result = run_with_the_copied_block(tmp_path, snippet)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.fullmatch(r"switch steps \[[-\d, ]+\], loss \d+\.\d+\n", result.stdout), result.stdout
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1291,6 +1311,20 @@ def test_each_jsd_weight_is_checked_only_for_its_own_divergence():
     assert (args.switch_metric, args.switch_beta, args.loss, args.beta) == ("jsd", 0.5, "fkl", 0.0)
     args = A.parse_args(["--loss", "jsd", "--switch-beta", "1", "--switch-metric", "tvd"])
     assert (args.loss, args.beta, args.switch_metric, args.switch_beta) == ("jsd", 0.5, "tvd", 1.0)
+
+
+def test_the_switch_flags_reach_the_rollout_and_beta_does_not(student, teacher, prompts):
+    """The program's training sequences (make_sequences) are rollout's with switch_metric = --switch-metric and
+    switch_beta = --switch-beta; --beta, the loss's JSD weight, changes none of the rollout's divergences."""
+    flags = ["--method", "adaswitch", "--switch-metric", "jsd", "--switch-beta", "0.2", "--loss", "jsd",
+             "--beta", "0.9", "--max-new-tokens", str(N), "--window", "2", "--k", "1.1", *NO_MODELS]
+    batch = {"prompt_ids": prompts[0], "prompt_mask": prompts[1]}
+    ours = A.make_sequences(batch, student, teacher, A.parse_args(flags), [], PAD, torch.Generator().manual_seed(0))
+    for switch_beta, same in ((0.2, True), (0.9, False)):
+        theirs = rollout(student, teacher, *prompts, "adaswitch", max_new_tokens=N, window=2, k=1.1,
+                         switch_metric="jsd", switch_beta=switch_beta, eos_token_id=[], pad_token_id=PAD,
+                         generator=torch.Generator().manual_seed(0))
+        assert torch.equal(ours.divergences, theirs.divergences) == same, switch_beta
 
 
 def test_rows_with_missing_null_or_blank_fields_are_dropped_and_counted(tmp_path, capsys):
