@@ -11,10 +11,10 @@ and Guidance in Knowledge Distillation via Adaptive Switching", arXiv 2510.07842
 
 The method (divergences, switch tracker, rollout, losses) between the '=' lines uses nothing after them: copy it."""
 # ============================================ AdaSwitch: the method ============================================
-# Shapes: B batch, P prompt length, N new tokens, V vocabulary. Needs torch and transformers >= 5.24.
+# Shapes: B batch, P prompt, N new tokens (step i), V vocabulary, H hidden size, S positions of a forward pass, M tokens
+# a loss counts, C of them in a chunk; _s student's, _t teacher's. Needs torch and transformers >= 5.24.
 import math
 from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
@@ -28,7 +28,7 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 def divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, metric: str = "fkl",
                beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
-    """Divergence between softmax(teacher_logits / T) and softmax(student_logits / T): [..., V] -> [...].
+    """d(p_t || p_s) per position, [..., V] -> [...], of p_t = softmax(teacher_logits / temperature) and p_s likewise.
     fkl = KL(p_t || p_s), rkl = KL(p_s || p_t), tvd = 0.5 * sum |p_t - p_s|, and jsd is the generalized
     JSD of GKD: beta * KL(p_t || m) + (1 - beta) * KL(p_s || m) with m = beta * p_t + (1 - beta) * p_s."""
     if metric not in METRICS:
@@ -37,7 +37,7 @@ def divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, metri
         raise ValueError(f"temperature = {temperature}: logits are divided by it; use a temperature > 0")
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"logit shapes differ: {tuple(teacher_logits.shape)} != {tuple(student_logits.shape)}")
-    # float32: bf16 turns the JSD's small differences of large terms negative. T = 1: no division (1/4 of loss time).
+    # float32: bf16 turns the JSD's small differences of large terms negative. Temperature 1: no division (1/4 of loss).
     t, s = (x.float() if temperature == 1 else x.float() / temperature for x in (teacher_logits, student_logits))
     log_p_t, log_p_s = F.log_softmax(t, dim=-1), F.log_softmax(s, dim=-1)  # [..., V]
     if metric in ("fkl", "rkl"):
@@ -98,8 +98,8 @@ def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
     return soft_cap(model, model.get_output_embeddings()(hidden))
 
 def forward(model, check: bool = False, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """model(**inputs).logits [B, t, V] and the last hidden states [B, T, H] under them (base_model's output, caught by
-    a hook). check: refuse a model whose logits are more than lm_head of those (Cohere's logit_scale, Granite's)."""
+    """model(**inputs).logits [B, 1 or S, V] and the last hidden states [B, S, H] (base_model's output, caught by a
+    hook). check: refuse a model whose logits are more than lm_head of those (Cohere's logit_scale, Granite's)."""
     caught = []
     with model.base_model.register_forward_hook(lambda module, args, out: caught.append(out.last_hidden_state)):
         logits = model(**inputs).logits
@@ -123,10 +123,10 @@ class Rollout:
     switch_step: torch.Tensor          # [B]      completion index of the first token the teacher wrote; -1 none
     divergences: torch.Tensor          # [B, N]   d_i where measured, 0 elsewhere
     measured: torch.Tensor             # [B, N]   bool, both models ran for the row (adaswitch: up to the switch)
-    teacher_hidden: torch.Tensor | None = None  # [B, N, H] the teacher's last hidden states, when it ran at every step
+    teacher_hidden: torch.Tensor | None = None  # [B, N, H] the teacher's last hidden states (all modes but student)
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, as Hugging Face's generate computes them: [B, T] -> [B, T]."""
+    """Positions that skip left padding, as Hugging Face's generate computes them: [B, S] -> [B, S]."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, do_sample: bool = True, generator=None) -> torch.Tensor:
@@ -137,13 +137,14 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, do_sample: bool = Tru
 
 @torch.no_grad()
 def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str, *,
-            max_new_tokens: int, window: int = 8, k: float = 1.5, skd_top_k: int = 25, metric: str = "fkl",
-            beta: float = 0.5, temperature: float = 1.0, do_sample: bool = True,
+            max_new_tokens: int, window: int = 8, k: float = 1.5, skd_top_k: int = 25, switch_metric: str = "fkl",
+            switch_beta: float = 0.5, temperature: float = 1.0, do_sample: bool = True,
             eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, generator=None,
             min_history: int | None = None, teacher_writes_switch_token: bool = True) -> Rollout:
     """A completion for every prompt in input_ids [B, P] (see MODES), padded on the left (attention_mask 0 there), by
     two models sharing a tokenizer (ids compare one to one; logits over the shared first min(V_s, V_t) ids), each with
-    a KV cache, fed only the new token per step. eos_token_id: every id that ends a row (the program's stop_ids)."""
+    a KV cache, fed only the new token per step. switch_metric, switch_beta: the divergence d_i of the switch rule and
+    its JSD weight. eos_token_id: every id that ends a row (e.g. the models' generation_config.eos_token_id)."""
     if mode not in MODES:
         raise ValueError(f"unknown rollout mode {mode!r}; choose one of {', '.join(MODES)}")
     models = {"student": student, "teacher": teacher}
@@ -158,42 +159,43 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
     caches = {name: DynamicCache(config=models[name].eval().config) for name in needed}  # eval(): no dropout
     ids, mask, positions = input_ids, attention_mask, position_ids(attention_mask)   # [B, P] each
     done = torch.zeros(batch, dtype=torch.bool, device=device)                        # [B] row has written EOS
-    steps, teacher_hidden = [], []  # per step: token, from_teacher, written, divergence, measured, each [B]
+    columns = {}  # Rollout field -> one column per step, [B] each ([B, H] teacher_hidden), stacked along N at the end
     try:
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             active = ~done                                                             # [B]
             exploring = active if tracker is None else active & ~tracker.switched     # [B] unfinished, not switched
             logits = {}  # no student forward once every unfinished row has switched: its opinion is no longer needed
             for name in ["teacher"] if tracker is not None and not exploring.any() else needed:
-                out, hidden = forward(models[name], not steps and name == "teacher", input_ids=ids, use_cache=True,
+                out, hidden = forward(models[name], i == 0 and name == "teacher", input_ids=ids, use_cache=True,
                                       attention_mask=mask, position_ids=positions, cache=caches[name], logits_to_keep=1)
                 logits[name] = out[:, -1, :vocab]                                       # [B, V]
-                if name == "teacher":  # checked once above: the loss projects these with lm_head
-                    teacher_hidden.append(hidden[:, -1])                                # [B, H]
+                if name == "teacher":  # checked at step 0: the loss projects these with lm_head
+                    columns.setdefault("teacher_hidden", []).append(hidden[:, -1])     # [B, H]
             s_logits, t_logits = logits.get("student"), logits.get("teacher")
-            d, both = torch.zeros(batch, device=device), torch.zeros_like(done)       # [B], [B] both models ran
+            d, measured = torch.zeros(batch, device=device), torch.zeros_like(done)   # [B], [B] both models ran
             if s_logits is not None and t_logits is not None:
-                d, both = divergence(t_logits, s_logits, metric, beta, temperature), exploring
+                d, measured = divergence(t_logits, s_logits, switch_metric, switch_beta, temperature), exploring
             s_token, token = None, torch.full((batch,), pad_token_id, dtype=torch.long, device=device)  # [B]
             if mode in ("student", "teacher"):
-                by_teacher = active & (mode == "teacher")
+                teacher_turn = active & (mode == "teacher")
             elif mode == "skd":
                 s_token = sample(s_logits, temperature, do_sample, generator)          # [B]
-                top = t_logits.topk(min(skd_top_k, vocab), dim=-1).indices              # [B, top_k]
-                by_teacher = (top != s_token.unsqueeze(-1)).all(-1)                    # [B] not in the teacher's top-k
+                top = t_logits.topk(min(skd_top_k, vocab), dim=-1).indices              # [B, skd_top_k]
+                teacher_turn = (top != s_token.unsqueeze(-1)).all(-1)                  # [B] not in the teacher's top-k
             else:
                 fire = tracker.update(d, active)                                       # [B]
-                # Who writes the switch token is not in the paper: by default the teacher, since the
-                # student's distribution at that step is the one just judged too far from the teacher's.
-                by_teacher = tracker.switched if teacher_writes_switch_token else tracker.switched & ~fire
+                # Not in the paper: the teacher writes the switch token (the student's distribution there is too far).
+                teacher_turn = tracker.switched if teacher_writes_switch_token else tracker.switched & ~fire
             # Sample only for rows that use the sample (multinomial over V is the loop's largest cost); pad after EOS.
-            student_rows, teacher_rows = active & ~by_teacher, active & by_teacher       # [B], [B]
-            if student_rows.any():
+            from_student, from_teacher = active & ~teacher_turn, active & teacher_turn   # [B], [B]
+            if from_student.any():
                 s_token = sample(s_logits, temperature, do_sample, generator) if s_token is None else s_token
-                token = torch.where(student_rows, s_token, token)
-            if teacher_rows.any():
-                token = torch.where(teacher_rows, sample(t_logits, temperature, do_sample, generator), token)
-            steps.append((token, teacher_rows, active.long(), torch.where(both, d, 0.0), both))
+                token = torch.where(from_student, s_token, token)
+            if from_teacher.any():
+                token = torch.where(from_teacher, sample(t_logits, temperature, do_sample, generator), token)
+            for name, column in dict(sequences=token, completion_mask=active.long(), from_teacher=from_teacher,
+                                     divergences=torch.where(measured, d, 0.0), measured=measured).items():
+                columns.setdefault(name, []).append(column)  # sequences: the completion; the prompt goes before it
             done = done | (active & torch.isin(token, eos))
             if done.all():
                 break
@@ -203,13 +205,11 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
     finally:
         for name in needed:
             models[name].train(was_training[name])
-    completion, by_teacher, completion_mask, divergences, measured = (torch.stack(x, 1) for x in zip(*steps))  # [B, N]
-    # The first token the teacher wrote: the switch itself, or the step after it with the student writing the
-    # switch token, so that switch_step means the same under both settings (off-policy: 0; SKD: first replacement).
-    switch_step = torch.where(by_teacher.any(1), by_teacher.long().argmax(1), -1)     # [B]
-    teacher_hidden = torch.stack(teacher_hidden, 1) if len(teacher_hidden) == len(steps) else None  # [B, N, H]
-    return Rollout(torch.cat([input_ids, completion], 1), torch.cat([attention_mask.long(), completion_mask], 1),
-                   completion_mask, by_teacher, switch_step, divergences, measured, teacher_hidden)  # in field order
+    fields = {name: torch.stack(steps, 1) for name, steps in columns.items()}  # [B, N] each, teacher_hidden [B, N, H]
+    fields["sequences"] = torch.cat([input_ids, fields["sequences"]], 1)                         # [B, P+N]
+    fields["attention_mask"] = torch.cat([attention_mask.long(), fields["completion_mask"]], 1)  # [B, P+N]
+    fields["switch_step"] = torch.where(fields["from_teacher"].any(1), fields["from_teacher"].long().argmax(1), -1)
+    return Rollout(**fields)  # no teacher_hidden in mode student: the teacher never ran
 
 # --- Losses: a token-level divergence between student and (detached) teacher, on completion tokens only.
 def completion_logits(logits: torch.Tensor, num_new: int) -> torch.Tensor:
@@ -217,9 +217,9 @@ def completion_logits(logits: torch.Tensor, num_new: int) -> torch.Tensor:
     return logits[:, -num_new - 1:-1]
 
 class ChunkedSum(torch.autograd.Function):
-    """Sum over chunks of rows of loss_fn(hidden[chunk] @ weight.T + bias, targets[chunk]), raw logits [C, V]. With
-    grad, a chunk's backward runs right after its loss, into gradients that wait in ctx: its logits live briefly, never
-    recomputed (checkpointing would), and the head's gradient adds up in place (autograd: a [V, H] one per chunk)."""
+    """loss_fn(F.linear(hidden, weight, bias), targets) for a loss_fn summed over rows, computed chunk_size rows at a
+    time, value and gradients alike (test_chunked_loss_and_gradient_equal_the_full_logits_ones). Each chunk's backward
+    runs at once into gradients kept in ctx: its logits [C, V] are freed with it, never recomputed (checkpointing)."""
     @staticmethod
     def forward(ctx, loss_fn, chunk_size: int, grad: bool, hidden: torch.Tensor, targets: torch.Tensor,
                 weight: torch.Tensor, bias: torch.Tensor | None):
@@ -233,7 +233,7 @@ class ChunkedSum(torch.autograd.Function):
             if grad:
                 d_raw = torch.autograd.grad(loss, raw)[0].to(weight.dtype)                 # [C, V]
                 ctx.grads[0][i:i + chunk_size] = d_raw @ weight
-                ctx.grads[1].addmm_(d_raw.T, h.to(weight.dtype))
+                ctx.grads[1].addmm_(d_raw.T, h.to(weight.dtype))  # in place: autograd would add a [V, H] per chunk
                 if bias is not None:
                     ctx.grads[2] += d_raw.sum(0)
             total += loss.detach()
@@ -282,7 +282,7 @@ def sequence_loss(student, teacher, seq: Rollout, metric: str = "fkl", beta: flo
 # ========================================== end of the method ==========================================
 
 # The program: flags, training loop, evaluation, data, main. It calls the method above as any caller would.
-import csv, hashlib, io, itertools, json, os, random, re, shutil, sys, time, zlib  # noqa: E401
+import contextlib, csv, hashlib, io, itertools, json, os, random, re, shutil, sys, time, zlib  # noqa: E401
 from argparse import ArgumentError, RawDescriptionHelpFormatter
 from dataclasses import asdict, field, replace
 from pathlib import Path
@@ -306,7 +306,8 @@ class Args:
     save_every: int = arg(100, "steps between checkpoints in --output-dir (one is also written at the end)")
     resume: bool = arg(False, "continue the run in --output-dir from its checkpoint")
     overwrite: bool = arg(False, "replace a run already in --output-dir")
-    dtype: Literal["float32", "bfloat16"] = arg("float32", "teacher weights (student: float32; on GPU: bf16 autocast)")
+    dtype: Literal["float32", "bfloat16"] = arg("float32", "bfloat16: teacher weights in bf16, the student (float32 "
+                                                "weights) under bf16 autocast, on any device; float32: neither")
     log_every: int = arg(10, "steps between lines of metrics.jsonl")
     eval_every: int = arg(0, "steps between evaluations during training (0: only before and after)")
     teacher_cache: str = arg("runs/teacher-scores", "teacher scores kept for later runs, keyed by all they depend on")
@@ -337,11 +338,12 @@ class Args:
     temperature: float = arg(1.0, "sampling temperature of rollouts; also divides logits in the divergences")
     window: int = arg(8, "L: how many past divergences the moving average covers")
     k: float = arg(1.5, "K: switch when d_i > K * moving average (inf: never)")
-    metric: Literal[METRICS] = arg("fkl", "divergence d_i used by the switch rule")
+    switch_metric: Literal[METRICS] = arg("fkl", "divergence d_i used by the switch rule")
+    switch_beta: float = arg(0.5, "JSD weight of --switch-metric jsd, in (0, 1)")  # the paper is silent: symmetric JSD
     min_history: int | None = arg(None, "divergences a row needs before it may switch; None: window")
     teacher_writes_switch_token: bool = arg(True, "the teacher writes the token at the switch step")
     skd_top_k: int | None = arg(None, "SKD: the teacher replaces tokens outside its top-k; None: 25, 2 on the toys")
-    beta: float = arg(0.5, "generalized JSD mixing weight (--loss/--metric jsd), in (0, 1)")
+    beta: float = arg(0.5, "generalized JSD weight of --loss jsd, in (0, 1)")
 
 class UsageError(Exception):
     """Bad input from the command line, the data or a run's folder: printed as one line, no traceback."""
@@ -379,10 +381,11 @@ def parse_args(argv: list[str] | None = None) -> Args:
             require(ok(getattr(args, name)), f"--{name.replace('_', '-')} must be {need}, got {getattr(args, name)}")
     try:  # the method's own checks, so that the CLI and the functions refuse the same values
         SwitchTracker(1, args.window, args.k, min_history=args.min_history)
-        for metric in (args.loss, args.metric):
-            divergence(torch.zeros(2), torch.zeros(2), metric, args.beta, args.temperature)
+        divergence(torch.zeros(2), torch.zeros(2), args.loss, args.beta, args.temperature)
     except ValueError as error:
         raise UsageError(error) from None
+    require(args.switch_metric != "jsd" or 0 < args.switch_beta < 1, f"--switch-beta must be in (0, 1) for "
+            f"--switch-metric jsd, got {args.switch_beta} (0 or 1 is a plain KL: use --switch-metric fkl or rkl)")
     return args
 
 # --- Training sequences: the dataset's for sft and supervised_kd, a rollout in the method's mode otherwise.
@@ -398,7 +401,8 @@ def make_sequences(batch: dict, student, teacher, args: Args, stop: list[int], p
                        attention_mask=torch.cat([prompt_mask, response_mask], 1), from_teacher=nothing,
                        switch_step=torch.full_like(response_mask[:, 0], -1), divergences=nothing.float(),
                        measured=nothing)
-    knobs = "max_new_tokens window k skd_top_k metric beta temperature min_history teacher_writes_switch_token"
+    knobs = ("max_new_tokens window k skd_top_k switch_metric switch_beta temperature min_history "
+             "teacher_writes_switch_token")
     return rollout(student, teacher, prompt_ids, prompt_mask, ROLLOUT_MODE[args.method], eos_token_id=stop,
                    pad_token_id=pad_token_id, generator=generator, **{k: getattr(args, k) for k in knobs.split()})
 
@@ -627,6 +631,10 @@ def save_checkpoint(out: Path, student, tokenizer, state: dict) -> None:
     for old in set(checkpoints(out)) - {folder}:
         shutil.rmtree(old)
 
+def training_autocast(dtype: str, device: torch.device):
+    """The context of every training step: bf16 autocast under --dtype bfloat16 on any device, none under float32."""
+    return torch.autocast(device.type, torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+
 def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], test_batches: list[dict] | None = None,
           score: str = "exact", out: Path | None = None, state: dict | None = None, desc: str = "distill") -> dict:
     """AdamW, linear warm-up and decay; each step: make the sequences, score them, clip, step; evaluate, log and save
@@ -638,7 +646,7 @@ def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], tes
     if state is not None:  # the student's weights came with it; the rest of where the run stopped is here
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-    autocast = torch.autocast(student.device.type, torch.bfloat16, enabled=student.device.type == "cuda")
+    autocast = training_autocast(args.dtype, student.device)
     scorer = None if args.method == "sft" else teacher  # sequence_loss without a teacher: the log-likelihood (SFT)
     first, totals = (1, {}) if state is None else (state["step"] + 1, state["totals"])
     bar = tqdm(range(first, args.max_steps + 1), desc=desc, initial=first - 1, total=args.max_steps, leave=False,
@@ -691,7 +699,7 @@ def prepare_toy(args: Args, device) -> Args:
     tokenizer, rows = char_tokenizer(), toy_rows(args.dataset, args.toy_digits, 0)[0]
     longest = max(len(row["response"]) for row in rows) + 1  # + EOS
     # Fixed SFT settings (Args' defaults, lr 3e-3, warm-up 0.05): the models depend on the --toy-* flags (all in the
-    # folder name) and on the machine (GPU autocast), not on the other flags.
+    # folder name) and on the machine (a GPU rounds otherwise; float32, no autocast, whatever --dtype), not on the rest.
     sft = replace(Args(), method="sft", dataset=args.dataset, lr=3e-3, warmup_ratio=0.05, max_new_tokens=longest)
     for name, shape, steps in (("teacher", dict(n_embd=128, n_layer=4, n_head=4), args.toy_teacher_steps),
                                ("student", dict(n_embd=64, n_layer=2, n_head=2), args.toy_student_steps)):

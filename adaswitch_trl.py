@@ -32,7 +32,8 @@ def cli_field(name: str):
 @dataclass
 class AdaSwitchConfig(DistillationConfig):
     """DistillationConfig with the switch rule's knobs, named and defaulted as adaswitch.py's flags, and the way
-    completions are written. The loss stays TRL's generalized JSD over `beta`, forward KL by default as in the paper."""
+    completions are written. The loss stays TRL's generalized JSD over `beta`, forward KL by default as in the paper;
+    the switch rule's divergence has its own JSD weight, `switch_beta`, so choosing it never changes the loss."""
 
     rollout_mode: Literal[MODES] = field(default="adaswitch", metadata={"help": (
         "who writes the completions: adaswitch (the student until the switch rule fires, then the teacher), student "
@@ -40,14 +41,15 @@ class AdaSwitchConfig(DistillationConfig):
         "replaces tokens outside its top skd_top_k)")})
     window: int = cli_field("window")
     k: float = cli_field("k")
-    metric: Literal[METRICS] = cli_field("metric")
+    switch_metric: Literal[METRICS] = cli_field("switch_metric")
+    switch_beta: float = cli_field("switch_beta")
     min_history: int | None = cli_field("min_history")
     teacher_writes_switch_token: bool = cli_field("teacher_writes_switch_token")
     skd_top_k: int = field(default=25, metadata={"help": "SKD: the teacher replaces tokens outside its top-k (25: "
                                                          "adaswitch.py's value on real models)"})
     beta: float = field(default=0.0, metadata={"help": (
         "loss: 0.0 = forward KL(teacher || student), the paper's and adaswitch.py's (TRL's default is 1.0, reverse "
-        "KL); 0.5 = JSD; also the JSD weight of --metric jsd")})
+        "KL); 0.5 = JSD. The loss's weight only: the switch rule's is switch_beta")})
 
     def __post_init__(self):
         super().__post_init__()
@@ -63,7 +65,10 @@ class AdaSwitchConfig(DistillationConfig):
         if self.skd_top_k < 1:
             raise ValueError(f"skd_top_k = {self.skd_top_k}: the teacher's top-k needs k >= 1")
         SwitchTracker(1, self.window, self.k, min_history=self.min_history)  # the method's own checks, as the CLI's
-        divergence(torch.zeros(2), torch.zeros(2), self.metric, self.beta, self.temperature)
+        divergence(torch.zeros(2), torch.zeros(2), "fkl", temperature=self.temperature)
+        if self.switch_metric == "jsd" and not 0 < self.switch_beta < 1:
+            raise ValueError(f"switch_beta = {self.switch_beta}: switch_metric 'jsd' needs 0 < switch_beta < 1 (0 or 1 "
+                             "is a plain KL: use switch_metric 'fkl' or 'rkl')")
 
 
 class AdaSwitchTrainer(DistillationTrainer):
@@ -102,7 +107,7 @@ class AdaSwitchTrainer(DistillationTrainer):
               self._dist.summon_full_params(self.teacher_model, recurse=False)):
             out = rollout(student, teacher, input_ids, attention_mask, a.rollout_mode,
                           max_new_tokens=self.max_completion_length, window=a.window, k=a.k, skd_top_k=a.skd_top_k,
-                          metric=a.metric, beta=self.beta, temperature=self.temperature,
+                          switch_metric=a.switch_metric, switch_beta=a.switch_beta, temperature=self.temperature,
                           do_sample=self.generation_kwargs["do_sample"], pad_token_id=pad_id,
                           eos_token_id=sorted({*self.eos_token_ids, *stop_ids(self._tokenizer, teacher)}),
                           min_history=a.min_history, teacher_writes_switch_token=a.teacher_writes_switch_token)

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -472,8 +473,9 @@ def test_teacher_hidden_states_give_the_logits_of_a_fresh_forward(student, teach
                                                 ("teacher", "fkl", 1.5, 0.5), ("student", "fkl", 1.5, 0.5)])
 def test_divergences_where_both_models_ran(student, teacher, prompts, mode, metric, k, beta):
     """divergences is nonzero exactly where both models ran (adaswitch: up to and including the switch step,
-    unfinished rows only) and there equals divergence() of fresh teacher and student logits, beta included."""
-    _, ro = run_with_eos(student, teacher, prompts, mode, window=2, k=k, skd_top_k=5, metric=metric, beta=beta)
+    unfinished rows only) and there equals divergence() of fresh teacher and student logits, switch_beta included."""
+    _, ro = run_with_eos(student, teacher, prompts, mode, window=2, k=k, skd_top_k=5, switch_metric=metric,
+                         switch_beta=beta)
     keep = ro.completion_mask.bool()
     steps = torch.arange(keep.shape[1])
     if mode in ("student", "teacher"):
@@ -812,16 +814,26 @@ def test_statistics_count_measured_zero_divergences():
     assert mean["divergence"] == 1.5 and mean["switch_pos"] == 2 and mean["teacher_frac"] == pytest.approx(1 / 3)
 
 
-def test_the_method_block_runs_alone(tmp_path):
-    """The block between the '=' lines of adaswitch.py, copied alone as a reader would, runs in a fresh process where
-    adaswitch.py cannot be imported: an AdaSwitch rollout on tiny models switches as the main tests require, and its
-    loss sends gradients to the student only. A name defined below the block would fail here."""
+def run_with_the_copied_block(tmp_path: Path, code: str) -> subprocess.CompletedProcess:
+    """code run by a fresh python in a folder that holds only adaswitch_method.py: the block between the '=' lines of
+    adaswitch.py, copied alone as the README's sed command copies it (at most 270 lines). adaswitch.py cannot be
+    imported there, so a name defined below the block fails."""
     lines = Path(A.__file__).read_text().splitlines()
     marks = [i for i, line in enumerate(lines) if re.fullmatch(r"# =+ .* =+", line)]
     assert len(marks) == 2 and "the method" in lines[marks[0]] and "end of the method" in lines[marks[1]]
-    block = "\n".join(lines[marks[0]:marks[1] + 1])
-    assert len(block.splitlines()) <= 270
-    check = """
+    block = lines[marks[0]:marks[1] + 1]
+    assert len(block) <= 270
+    (tmp_path / "adaswitch_method.py").write_text("\n".join(block) + "\n")
+    (tmp_path / "main.py").write_text(code)
+    return subprocess.run([sys.executable, "main.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ""})
+
+
+def test_the_method_block_runs_alone(tmp_path):
+    """The copied block runs alone: an AdaSwitch rollout on tiny models switches as the main tests require, and its
+    loss sends gradients to the student only."""
+    check = """import torch
+from adaswitch_method import SwitchTracker, rollout, sequence_loss
 from transformers import GPT2Config, GPT2LMHeadModel
 def tiny(seed, width):
     torch.manual_seed(seed)
@@ -845,10 +857,20 @@ assert loss > 0 and student.lm_head.weight.grad.abs().sum() > 0
 assert all(p.grad is None for p in teacher.parameters())
 print("copied block ok")
 """
-    (tmp_path / "copied.py").write_text(block + "\n" + check)
-    result = subprocess.run([sys.executable, "copied.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": ""})
+    result = run_with_the_copied_block(tmp_path, check)
     assert result.returncode == 0 and "copied block ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_the_readme_snippet_runs_with_the_copied_block(tmp_path):
+    """The first python block after the README's heading '## The method in your own trainer' runs as printed beside
+    the copied block alone (nothing of the program, such as stop_ids), on its tiny random models."""
+    readme = (Path(A.__file__).parent / "README.md").read_text()
+    section = readme.split("\n## The method in your own trainer\n", 1)
+    assert len(section) == 2, "README.md has no heading '## The method in your own trainer'"
+    snippet = re.search(r"```python\n(.*?)```", section[1], re.DOTALL).group(1)
+    result = run_with_the_copied_block(tmp_path, snippet)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.fullmatch(r"switch steps \[[-\d, ]+\], loss \d+\.\d+\n", result.stdout), result.stdout
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1199,7 +1221,8 @@ BAD_INPUTS = [
     ("temperature-0", lambda s, t: NO_MODELS + ["--temperature", "0"], {}, [flag_name("--temperature")]),
     ("temperature-nan", lambda s, t: NO_MODELS + ["--temperature", "nan"], {}, [flag_name("--temperature")]),
     ("beta-1-loss-jsd", lambda s, t: NO_MODELS + ["--loss", "jsd", "--beta", "1"], {}, [flag_name("--beta")]),
-    ("beta-0-metric-jsd", lambda s, t: NO_MODELS + ["--metric", "jsd", "--beta", "0"], {}, [flag_name("--beta")]),
+    ("switch-beta-0-switch-metric-jsd", lambda s, t: NO_MODELS + ["--switch-metric", "jsd", "--switch-beta", "0"], {},
+     [flag_name("--switch-beta")]),
     ("lr-0", lambda s, t: NO_MODELS + ["--lr", "0"], {}, [flag_name("--lr")]),
     ("warmup-ratio-1.5", lambda s, t: NO_MODELS + ["--warmup-ratio", "1.5"], {}, [flag_name("--warmup-ratio")]),
     ("student-folder-missing", lambda s, t: ["--student", str(t / "no-such-student")], {}, [r"no-such-student"]),
@@ -1270,7 +1293,8 @@ def test_bad_input_is_one_line_through_the_cli(saved, tmp_path, case, extra, env
 
 @pytest.mark.parametrize("flags", [
     ["--temperature", "0"], ["--temperature", "-1"], ["--temperature", "nan"], ["--temperature", "inf"],
-    ["--loss", "jsd", "--beta", "0"], ["--loss", "jsd", "--beta", "1"], ["--metric", "jsd", "--beta", "1"],
+    ["--loss", "jsd", "--beta", "0"], ["--loss", "jsd", "--beta", "1"],
+    ["--switch-metric", "jsd", "--switch-beta", "0"], ["--switch-metric", "jsd", "--switch-beta", "1"],
     ["--window", "0"], ["--k", "-1"], ["--k", "nan"], ["--lr", "0"], ["--lr", "nan"], ["--lr", "-1e-4"],
     ["--warmup-ratio", "1.5"], ["--warmup-ratio", "-0.1"], ["--seed", "-1"], ["--weight-decay", "inf"],
 ], ids=" ".join)
@@ -1278,6 +1302,29 @@ def test_parse_args_refuses_undefined_mathematics(flags):
     """Flag values that make the mathematics undefined are refused by parse_args, naming the flag."""
     with pytest.raises(A.UsageError, match=flag_name(flags[-2])):
         A.parse_args(flags)
+
+
+def test_each_jsd_weight_is_checked_only_for_its_own_divergence():
+    """--beta weighs the loss's JSD, --switch-beta the switch rule's: a weight outside (0, 1) is fine where its own
+    divergence is not a JSD, whatever the other divergence is."""
+    args = A.parse_args(["--switch-metric", "jsd", "--beta", "0", "--loss", "fkl"])
+    assert (args.switch_metric, args.switch_beta, args.loss, args.beta) == ("jsd", 0.5, "fkl", 0.0)
+    args = A.parse_args(["--loss", "jsd", "--switch-beta", "1", "--switch-metric", "tvd"])
+    assert (args.loss, args.beta, args.switch_metric, args.switch_beta) == ("jsd", 0.5, "tvd", 1.0)
+
+
+def test_the_switch_flags_reach_the_rollout_and_beta_does_not(student, teacher, prompts):
+    """The program's training sequences (make_sequences) are rollout's with switch_metric = --switch-metric and
+    switch_beta = --switch-beta; --beta, the loss's JSD weight, changes none of the rollout's divergences."""
+    flags = ["--method", "adaswitch", "--switch-metric", "jsd", "--switch-beta", "0.2", "--loss", "jsd",
+             "--beta", "0.9", "--max-new-tokens", str(N), "--window", "2", "--k", "1.1", *NO_MODELS]
+    batch = {"prompt_ids": prompts[0], "prompt_mask": prompts[1]}
+    ours = A.make_sequences(batch, student, teacher, A.parse_args(flags), [], PAD, torch.Generator().manual_seed(0))
+    for switch_beta, same in ((0.2, True), (0.9, False)):
+        theirs = rollout(student, teacher, *prompts, "adaswitch", max_new_tokens=N, window=2, k=1.1,
+                         switch_metric="jsd", switch_beta=switch_beta, eos_token_id=[], pad_token_id=PAD,
+                         generator=torch.Generator().manual_seed(0))
+        assert torch.equal(ours.divergences, theirs.divergences) == same, switch_beta
 
 
 def test_rows_with_missing_null_or_blank_fields_are_dropped_and_counted(tmp_path, capsys):
@@ -1323,6 +1370,36 @@ def test_bfloat16_teacher_and_float32_student_in_memory(saved, tmp_path, monkeyp
     monkeypatch.setattr(A, "train", spy)
     A.main(cli_args(saved, tmp_path, "--method", "adaswitch", "--dtype", "bfloat16"))
     assert seen == {"teacher": {torch.bfloat16}, "student": {torch.float32}}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_autocast_rule_per_dtype_and_device(dtype, device):
+    """--dtype bfloat16: bf16 autocast on any device; --dtype float32: no autocast, on a GPU too. The context object is
+    inspected, so no GPU is needed (entered, a cuda autocast would need one)."""
+    with warnings.catch_warnings():  # torch warns, building a cuda autocast on a machine without CUDA
+        warnings.simplefilter("ignore")
+        context = A.training_autocast(dtype, torch.device(device))
+    if dtype == "float32":
+        assert not isinstance(context, torch.autocast), context
+    else:
+        assert isinstance(context, torch.autocast) and (context.device, context.fast_dtype) == (device, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_training_step_enters_the_autocast_of_its_dtype(saved, tmp_path, monkeypatch, dtype):
+    """Through the CLI on the CPU: every loss of a step is computed under bf16 autocast with --dtype bfloat16, and
+    under none with --dtype float32 (the rollout of the step runs in the same context)."""
+    seen, loss = [], A.sequence_loss
+
+    def spy(*args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(A, "sequence_loss", spy)
+    A.main(cli_args(saved, tmp_path, "--method", "adaswitch", "--dtype", dtype))
+    assert len(seen) == 2  # two steps of one micro-batch
+    assert set(seen) == {(True, torch.bfloat16)} if dtype == "bfloat16" else {enabled for enabled, _ in seen} == {False}
 
 
 @pytest.mark.parametrize("method", ["sft", "supervised_kd"])

@@ -94,7 +94,7 @@ def reference_rollout(tiny, prompts, **knobs) -> A.Rollout:
     batch = tokenizer(prompts, padding=True, return_tensors="pt")
     student, teacher = (AutoModelForCausalLM.from_pretrained(tiny / name) for name in ("student", "teacher"))
     return A.rollout(student, teacher, batch["input_ids"], batch["attention_mask"], "adaswitch", max_new_tokens=N,
-                     do_sample=False, eos_token_id=A.stop_ids(tokenizer, student, teacher), beta=0.0,
+                     do_sample=False, eos_token_id=A.stop_ids(tokenizer, student, teacher),
                      pad_token_id=tokenizer.pad_token_id, **knobs)
 
 
@@ -145,6 +145,23 @@ def test_switching_completions_equal_the_rollout_and_the_logs_its_statistics(tin
     assert 0 < log["switch_rate"] < 1 and math.isfinite(log["loss"])
 
 
+def test_the_jsd_switch_rule_leaves_the_loss_forward_kl(tiny):
+    """switch_metric 'jsd' with its own weight switch_beta changes the switch rule only: the rollout measures that JSD
+    (the logged divergence), and the step's loss is the forward KL of the same rollout (TRL's beta 0), not a JSD."""
+    trainer = make(tiny, switch_metric="jsd", switch_beta=0.3, **SWITCHING)
+    ro = reference_rollout(tiny, PROMPTS[:4], switch_metric="jsd", switch_beta=0.3, **SWITCHING)
+    fkl_rule = reference_rollout(tiny, PROMPTS[:4], **SWITCHING)
+    assert (ro.switch_step >= 0).any() and stats(ro)["divergence"] != pytest.approx(stats(fkl_rule)["divergence"])
+    assert trainer._generate_single_turn(prompt_ids(trainer), None, {}) == completions_of(ro)
+    trainer.train()
+    student, teacher = (AutoModelForCausalLM.from_pretrained(tiny / name) for name in ("student", "teacher"))
+    loss = {metric: A.sequence_loss(student, teacher, ro, metric).item() for metric in ("fkl", "jsd")}
+    log = trainer.state.log_history[0]
+    assert log["divergence"] == pytest.approx(stats(ro)["divergence"], rel=1e-6)
+    # rel 1e-5: TRL sums the same float32 token losses in another order (3e-7 apart when written)
+    assert log["loss"] == pytest.approx(loss["fkl"], rel=1e-5) and loss["jsd"] != pytest.approx(loss["fkl"], rel=0.1)
+
+
 @pytest.mark.parametrize("mode", A.MODES)
 def test_each_rollout_mode_trains_a_step(tiny, mode):
     """Every rollout_mode trains a step with a finite loss; its switch statistics are those of the mode."""
@@ -176,7 +193,8 @@ def a_tool(x: int) -> int:
     (dict(cache_implementation="static"), "cache_implementation"),
     (dict(generation_kwargs={"num_beams": 2}), "generation_kwargs"),
     (dict(window=0), "window = 0"), (dict(k=-1.0), "k = -1"), (dict(min_history=9), "min_history = 9"),
-    (dict(metric="jsd"), "beta = 0.0: jsd needs 0 < beta < 1"), (dict(skd_top_k=0), "skd_top_k = 0"),
+    (dict(switch_metric="jsd", switch_beta=0.0), "switch_beta = 0.0: switch_metric 'jsd' needs 0 < switch_beta < 1"),
+    (dict(switch_metric="jsd", switch_beta=1.0), "switch_beta = 1.0"), (dict(skd_top_k=0), "skd_top_k = 0"),
     (dict(temperature=0.0), "temperature = 0.0"),
 ])
 def test_unsupported_settings_are_refused_in_one_line(tiny, overrides, match):
@@ -212,7 +230,7 @@ def test_cli_knobs_are_the_cli_flags():
     """Same names, defaults and help as adaswitch.py's flags (TRL's parser appends the default itself); the loss
     defaults to forward KL (TRL's beta 0)."""
     config = {f.name: f for f in T.dataclasses.fields(AdaSwitchConfig)}
-    for name in ("window", "k", "metric", "min_history", "teacher_writes_switch_token"):
+    for name in ("window", "k", "switch_metric", "switch_beta", "min_history", "teacher_writes_switch_token"):
         ours, cli = config[name], T.CLI[name]
         assert ours.default == cli.default
         assert f"{ours.metadata['help']} (default: {ours.default})" == cli.metadata["help"]
