@@ -103,7 +103,7 @@ def forward(model, check: bool = False, **inputs) -> tuple[torch.Tensor, torch.T
     caught = []
     with model.base_model.register_forward_hook(lambda module, args, out: caught.append(out.last_hidden_state)):
         logits = model(**inputs).logits
-    if check and not torch.allclose(lm_head(model, caught[0][:, -logits.shape[1]:]), logits, rtol=1e-3, atol=1e-4):
+    if check and not torch.allclose(lm_head(model, caught[0][:, -logits.shape[1]:]), logits, 1e-3, 1e-4, equal_nan=True):
         raise ValueError(f"{type(model).__name__} computes its logits otherwise than its output embedding of its last "
                          "hidden state (plus soft-capping): its head cannot be reproduced chunk by chunk")
     return logits, caught[0]
@@ -867,7 +867,7 @@ def advice(step: int, what: str, weights: int, given: Args, out: Path) -> str:
     command that goes on. Where the newest checkpoint is older than those weights, its weights passed a whole step:
     continue from it with a lower --lr. Where it holds them, resuming replays the same step on the same data with the
     same draws, whatever --lr: only a float32 teacher can change it, else a new start with a lower --lr."""
-    whole, lower = whole_checkpoints(out), min(given.lr / 10, filled_defaults(given)["lr"])  # or the default if lower
+    whole, lower = whole_checkpoints(out), min(float(f"{given.lr / 10:g}"), filled_defaults(given)["lr"])  # or the default
     last = int(whole[-1].name.split("-")[1]) if whole else None
     if last is not None and last < weights:
         how = f"continue from {whole[-1]} with a lower --lr: {command(given, resume=True, lr=lower)}"
