@@ -54,9 +54,8 @@ def divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, metri
 # --- Switch tracker: the paper's rule, one state per row. Row b switches at step i when
 #     d_i > tau_i = k * mean(d_{i-window}, ..., d_{i-1})      (the current d_i is not in the mean)
 class SwitchTracker:
-    """Sliding-window switch rule for B rows; call `update` once per decoding step. The paper is silent on the warm-up:
-    a row may switch once it has `min_history` divergences (default: a full window, so that an early spike cannot end
-    exploration before there is an average to compare with); tau is the mean of those it has."""
+    """Sliding-window switch rule for B rows, `update` once per decoding step. Warm-up, where the paper is silent: a row
+    may switch once it has `min_history` divergences (default a full window, against early spikes); tau: their mean."""
     def __init__(self, batch_size: int, window: int, k: float, device=None, min_history: int | None = None):
         if window < 1:
             raise ValueError(f"window = {window}: the moving average needs a divergence; use window >= 1")
@@ -99,13 +98,12 @@ def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
 
 def forward(model, check: bool = False, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """model(**inputs).logits [B, t, V] and the last hidden states [B, T, H] under them (base_model's output, caught by
-    a hook). check: refuse a model whose logits are more than lm_head of those (Cohere's logit_scale, Granite's)."""
+    a hook). check: refuse a model whose logits are more than lm_head of those (Cohere's logit_scale; NaN passes)."""
     caught = []
     with model.base_model.register_forward_hook(lambda module, args, out: caught.append(out.last_hidden_state)):
         logits = model(**inputs).logits
-    if check and not torch.allclose(lm_head(model, caught[0][:, -logits.shape[1]:]), logits, 1e-3, 1e-4, equal_nan=True):
-        raise ValueError(f"{type(model).__name__} computes its logits otherwise than its output embedding of its last "
-                         "hidden state (plus soft-capping): its head cannot be reproduced chunk by chunk")
+    if check and not torch.allclose(lm_head(model, caught[0][:, -logits.shape[1]:]), logits, 1e-3, 1e-4, True):
+        raise ValueError(f"{type(model).__name__} computes its logits otherwise than lm_head: not chunk by chunk")
     return logits, caught[0]
 
 # --- Rollout: one batched, KV-cached decoding loop for the four ways of writing a completion.
