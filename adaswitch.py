@@ -360,12 +360,10 @@ def filled_defaults(args: Args) -> dict:
             "max_new_tokens": 256 if args.dataset == "gsm8k" else 64}  # GSM8K's answers run past 64
 
 def writable(path: str, flag: str) -> None:
-    """A folder the run writes in must exist or be makeable: the nearest folder of its path that exists must take a new
-    file (made and deleted: root ignores permissions, a read-only mount or /proc does not). Checked before any model
-    loads, where mkdir's traceback would come after."""
+    """A folder the run writes in: the nearest existing folder on its path must take a new file (made and deleted: root
+    ignores permissions, a read-only mount or /proc does not). Checked before any model loads."""
     folder = Path(path).expanduser().absolute()
-    while not folder.exists():
-        folder = folder.parent
+    folder = next(p for p in (folder, *folder.parents) if p.exists())
     require(folder.is_dir(), f"{flag} {path}: {folder} is a file, not a folder")
     try:
         tempfile.TemporaryFile(dir=folder).close()
@@ -835,7 +833,12 @@ def open_run(args: Args, out: Path) -> dict | None:
     except Exception as error:  # any failure to read it: truncated, not a checkpoint, another format
         raise UsageError(f"--resume: {path} is damaged ({type(error).__name__}); start again (--overwrite)") from None
     require("totals" in state, f"--resume: {path} is from an older adaswitch.py (no totals); start again (--overwrite)")
-    return {**state, "student": path.parent / "student", "args": saved}
+    changed = {name: [saved.get(name), getattr(args, name)] for name in RESUMABLE if getattr(args, name) != saved.get(name)}
+    if changed:  # args.json: the flags a later --resume compares with; under "changes", each with the step it follows
+        saved.update({name: new for name, (_, new) in changed.items()},
+                     changes=[*saved.get("changes", []), {"step": state["step"], **changed}])
+        (out / "args.json").write_text(json.dumps(saved, indent=1))
+    return {**state, "student": path.parent / "student", "changed": changed}
 
 def teacher_score(teacher, tokenizer, batches: list[dict], args: Args, score: str, stop: list[int]) -> float:
     """The teacher's evaluate() score, kept in --teacher-cache for later runs under a hash of all it depends on."""
@@ -861,22 +864,17 @@ def stop_ids(tokenizer, *models) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 def advice(step: int, what: str, weights: int, given: Args, out: Path) -> str:
-    """The line that ends a run stopped by non-finite numbers at `step` (from the weights after step `weights`), with the
-    command that goes on. Where the newest checkpoint is older than those weights, its weights passed a whole step:
-    continue from it with a lower --lr. Where it holds them, resuming replays the same step on the same data with the
-    same draws, whatever --lr: only a float32 teacher can change it, else a new start with a lower --lr."""
-    whole, lower = whole_checkpoints(out), min(float(f"{given.lr / 10:g}"), filled_defaults(given)["lr"])  # or the default
-    last = int(whole[-1].name.split("-")[1]) if whole else None
-    if last is not None and last < weights:
-        how = f"continue from {whole[-1]} with a lower --lr: {command(given, resume=True, lr=lower)}"
-    elif given.dtype == "bfloat16":
-        how = f"go on with the teacher in float32: {command(given, resume=bool(whole), overwrite=not whole, dtype='float32')}"
-    elif weights > 0:
-        how = f"{'start again' if last is None else f'{whole[-1]} holds those weights: start again'} with a lower --lr: " \
-              f"{command(given, overwrite=True, lr=lower)}"
-    else:
-        how = "the models give them before any update: check them (their weights are finite)"
-    return f"step {step}: {what}; {how}"
+    """The line for non-finite numbers at `step`, from the weights after step `weights`, and the command that goes on. A
+    checkpoint older than those weights passed a whole step since: continue from it with a lower --lr. One that holds
+    them replays the same step (same data, same draws) whatever --lr: a float32 teacher, or a new start, changes it."""
+    whole, lr = whole_checkpoints(out), min(float(f"{given.lr / 10:g}"), filled_defaults(given)["lr"])  # or the default
+    if whole and int(whole[-1].name.split("-")[1]) < weights:
+        return f"step {step}: {what}; continue from {whole[-1]} with a lower --lr: {command(given, resume=True, lr=lr)}"
+    held = f"step {step}: {what}; {whole[-1]} holds those weights: " if whole else f"step {step}: {what}; "
+    if given.dtype == "bfloat16":
+        return f"{held}go on with the teacher in float32: " + command(given, resume=bool(whole), overwrite=not whole,
+                                                                      dtype="float32")
+    return f"{held}start again with a lower --lr: {command(given, overwrite=True, lr=lr)}"
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
@@ -893,15 +891,12 @@ def main(argv: list[str] | None = None) -> dict:
     score, log = args.score if args.score != "auto" else auto or "exact", out / "metrics.jsonl"
     try:  # from here on, non-finite numbers and failed writes end in one line with the command that goes on
         if state is not None:  # metrics.jsonl continues from the checkpoint, the data after the batches it used
-            changed = {name: [state["args"].get(name), getattr(given, name)] for name in RESUMABLE
-                       if state["args"].get(name) != getattr(given, name)}
             print(f"resuming from step {state['step']} of {out}", *(f"--{name.replace('_', '-')} {new} (was {old})"
-                                                                   for name, (old, new) in changed.items()), sep=", ")
-            if changed:  # args.json: the flags a later --resume compares with, and each change with its step
-                (out / "args.json").write_text(json.dumps({**state["args"], **{n: v for n, (_, v) in changed.items()},
-                    "changes": [*state["args"].get("changes", []), {"step": state["step"], **changed}]}, indent=1))
+                                                                   for name, (old, new) in state["changed"].items()),
+                  sep=", ")
             train_batches = itertools.islice(train_batches, state["step"] * args.grad_accum, None)
-            log.write_text("".join(r for r in log.read_text().splitlines(True) if json.loads(r)["step"] <= state["step"]))
+            kept = [r for r in log.read_text().splitlines(True) if json.loads(r)["step"] <= state["step"]]
+            log.write_text("".join(kept))
         else:  # a new run: its folder is written only now that the data and the models have loaded
             out.mkdir(parents=True, exist_ok=True)
             (out / "args.json").write_text(json.dumps(asdict(given), indent=1))
