@@ -833,7 +833,8 @@ def open_run(args: Args, out: Path) -> dict | None:
     except Exception as error:  # any failure to read it: truncated, not a checkpoint, another format
         raise UsageError(f"--resume: {path} is damaged ({type(error).__name__}); start again (--overwrite)") from None
     require("totals" in state, f"--resume: {path} is from an older adaswitch.py (no totals); start again (--overwrite)")
-    changed = {name: [saved.get(name), getattr(args, name)] for name in RESUMABLE if getattr(args, name) != saved.get(name)}
+    changed = {name: [saved.get(name), value] for name, value in asdict(args).items()
+               if name in RESUMABLE and value != saved.get(name)}
     if changed:  # args.json: the flags a later --resume compares with; under "changes", each with the step it follows
         saved.update({name: new for name, (_, new) in changed.items()},
                      changes=[*saved.get("changes", []), {"step": state["step"], **changed}])

@@ -1661,8 +1661,8 @@ def test_resume_may_change_the_flags_that_keep_the_data_and_the_shapes(saved, tm
     capsys.readouterr()
     A.main(cli_args(saved, tmp_path, "--max-steps", "3", "--save-every", "2", "--resume", "--max-grad-norm", "0.5",
                     "--weight-decay", "0.1", "--dtype", "bfloat16"))
-    assert (f"resuming from step 2 of {tmp_path}, --max-grad-norm 0.5 (was 1.0), --weight-decay 0.1 (was 0.0), "
-            f"--dtype bfloat16 (was float32)\n") in capsys.readouterr().out
+    assert (f"resuming from step 2 of {tmp_path}, --dtype bfloat16 (was float32), --weight-decay 0.1 (was 0.0), "
+            f"--max-grad-norm 0.5 (was 1.0)\n") in capsys.readouterr().out
     run = json.loads((tmp_path / "args.json").read_text())
     assert (run["max_grad_norm"], run["weight_decay"], run["dtype"]) == (0.5, 0.1, "bfloat16")
     assert run["changes"] == [{"step": 2, "dtype": ["float32", "bfloat16"], "weight_decay": [0.0, 0.1],
