@@ -306,7 +306,7 @@ class Args:
     seed: int = arg(0, "seed for initialization, data order and sampling")
     output_dir: str | None = arg(None, "the run's folder; None: runs/<method>-<dataset>-<seed>-<time>")
     save_every: int = arg(100, "steps between checkpoints in --output-dir (one is also written at the end)")
-    resume: bool = arg(False, "continue the run in --output-dir from its checkpoint")
+    resume: bool = arg(False, "continue the run in --output-dir; new --lr/--dtype/--weight-decay/--max-grad-norm ok")
     overwrite: bool = arg(False, "replace a run already in --output-dir")
     dtype: Literal["float32", "bfloat16"] = arg("float32", "teacher weights (student: float32; on GPU: bf16 autocast)")
     log_every: int = arg(10, "steps between lines of metrics.jsonl")

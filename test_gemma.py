@@ -119,6 +119,7 @@ def test_pruned_student_cached_decode_equals_a_full_forward(pair, tokenizer, stu
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
         logits = student(input_ids=ids[:, -1:], cache=cache, use_cache=True).logits[:, -1]
         full = student(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+        # a [1, 1] cached step against a [1, T] pass: other kernels, whose float32 rounding differs per CPU
         torch.testing.assert_close(logits, full, atol=1e-4, rtol=0)
 
 
