@@ -54,9 +54,8 @@ def divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, metri
 # --- Switch tracker: the paper's rule, one state per row. Row b switches at step i when
 #     d_i > tau_i = k * mean(d_{i-window}, ..., d_{i-1})      (the current d_i is not in the mean)
 class SwitchTracker:
-    """Sliding-window switch rule for B rows; call `update` once per decoding step. The paper is silent on the warm-up:
-    a row may switch once it has `min_history` divergences (default: a full window, so that an early spike cannot end
-    exploration before there is an average to compare with); tau is the mean of those it has."""
+    """Sliding-window switch rule for B rows, `update` once per decoding step. Warm-up, where the paper is silent: a row
+    may switch once it has `min_history` divergences (default a full window, against early spikes); tau: their mean."""
     def __init__(self, batch_size: int, window: int, k: float, device=None, min_history: int | None = None):
         if window < 1:
             raise ValueError(f"window = {window}: the moving average needs a divergence; use window >= 1")
@@ -99,13 +98,12 @@ def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
 
 def forward(model, check: bool = False, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """model(**inputs).logits [B, 1 or S, V] and the last hidden states [B, S, H] (base_model's output, caught by a
-    hook). check: refuse a model whose logits are more than lm_head of those (Cohere's logit_scale, Granite's)."""
+    hook). check: refuse a model whose logits are more than lm_head of those (Cohere's logit_scale; NaN passes)."""
     caught = []
     with model.base_model.register_forward_hook(lambda module, args, out: caught.append(out.last_hidden_state)):
         logits = model(**inputs).logits
-    if check and not torch.allclose(lm_head(model, caught[0][:, -logits.shape[1]:]), logits, rtol=1e-3, atol=1e-4):
-        raise ValueError(f"{type(model).__name__} computes its logits otherwise than its output embedding of its last "
-                         "hidden state (plus soft-capping): its head cannot be reproduced chunk by chunk")
+    if check and not torch.allclose(lm_head(model, caught[0][:, -logits.shape[1]:]), logits, 1e-3, 1e-4, True):
+        raise ValueError(f"{type(model).__name__} computes its logits otherwise than lm_head: not chunk by chunk")
     return logits, caught[0]
 
 # --- Rollout: one batched, KV-cached decoding loop for the four ways of writing a completion.
@@ -169,6 +167,8 @@ def rollout(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
                 out, hidden = forward(models[name], i == 0 and name == "teacher", input_ids=ids, use_cache=True,
                                       attention_mask=mask, position_ids=positions, cache=caches[name], logits_to_keep=1)
                 logits[name] = out[:, -1, :vocab]                                       # [B, V]
+                if not logits[name].isfinite().all():  # diverged weights or overflow: the sampler would fail on them
+                    raise FloatingPointError(f"the {name}'s logits are NaN or inf at completion step {i}")
                 if name == "teacher":  # checked at step 0: the loss projects these with lm_head
                     columns.setdefault("teacher_hidden", []).append(hidden[:, -1])     # [B, H]
             s_logits, t_logits = logits.get("student"), logits.get("teacher")
@@ -282,13 +282,14 @@ def sequence_loss(student, teacher, seq: Rollout, metric: str = "fkl", beta: flo
 # ========================================== end of the method ==========================================
 
 # The program: flags, training loop, evaluation, data, main. It calls the method above as any caller would.
-import contextlib, csv, hashlib, io, itertools, json, os, random, re, shutil, sys, time, zlib  # noqa: E401
+import contextlib, csv, hashlib, io, itertools, json, os, random, re, shlex, shutil, sys, tempfile, time, zlib  # noqa: E401
 from argparse import ArgumentError, RawDescriptionHelpFormatter
 from dataclasses import asdict, field, replace
 from pathlib import Path
 from typing import Literal
 
 from torch.utils.data import DataLoader
+from safetensors import SafetensorError
 from tqdm import tqdm
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, HfArgumentParser,
@@ -304,7 +305,7 @@ class Args:
     seed: int = arg(0, "seed for initialization, data order and sampling")
     output_dir: str | None = arg(None, "the run's folder; None: runs/<method>-<dataset>-<seed>-<time>")
     save_every: int = arg(100, "steps between checkpoints in --output-dir (one is also written at the end)")
-    resume: bool = arg(False, "continue the run in --output-dir from its checkpoint")
+    resume: bool = arg(False, "continue the run in --output-dir; new --lr/--dtype/--weight-decay/--max-grad-norm ok")
     overwrite: bool = arg(False, "replace a run already in --output-dir")
     dtype: Literal["float32", "bfloat16"] = arg("float32", "bfloat16: teacher weights in bf16, the student (float32 "
                                                 "weights) under bf16 autocast, on any device; float32: neither")
@@ -352,6 +353,31 @@ def require(ok: bool, message: str) -> None:
     if not ok:
         raise UsageError(message)
 
+def filled_defaults(args: Args) -> dict:
+    """The defaults that depend on the models or the task: the flags that are None in Args."""
+    return {"skd_top_k": 2 if args.teacher is None else 25,  # top-25 of 25 tokens: on-policy
+            "toy_teacher_steps": 3000 if args.dataset == "toy_summary" else 600,  # counting: slower
+            "lr": 5e-4 if args.teacher is None else 1e-5,  # 5e-4 trains tiny models, wrecks big ones
+            "max_new_tokens": 256 if args.dataset == "gsm8k" else 64}  # GSM8K's answers run past 64
+
+def writable(path: str, flag: str) -> None:
+    """A folder the run writes in: the nearest existing folder on its path must take a new file (made and deleted: root
+    ignores permissions, a read-only mount or /proc does not). Checked before any model loads."""
+    folder = Path(path).expanduser().absolute()
+    folder = next(p for p in (folder, *folder.parents) if p.exists())
+    require(folder.is_dir(), f"{flag} {path}: {folder} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise UsageError(f"{flag} {path}: cannot write in {folder} ({error.strerror})") from None
+
+def command(args: Args, **changes) -> str:
+    """The command line of the run in args with these flags changed: each flag whose value is not its default."""
+    flags, default = {**asdict(args), "resume": False, "overwrite": False, **changes}, filled_defaults(args)
+    words = [[f"--{name.replace('_', '-')}", *[str(value)] * (value is not True)] for name, value in flags.items()
+             if name in changes or value != default.get(name, getattr(Args, name, None))]
+    return shlex.join(["python", os.path.relpath(__file__), *itertools.chain(*words)])
+
 def parse_args(argv: list[str] | None = None) -> Args:
     """Flags -> Args, refusing values that leave the mathematics undefined before any model is loaded."""
     try:  # a bad value, an unknown flag: one line instead of argparse's exit
@@ -363,14 +389,11 @@ def parse_args(argv: list[str] | None = None) -> Args:
     require(args.output_dir or not args.resume, "--resume needs the --output-dir of the run to continue")
     stamp = time.strftime("%Y%m%d-%H%M%S")  # named as CleanRL names runs: a second run never erases the first
     args.output_dir = args.output_dir or f"runs/{args.method}-{Path(args.dataset).stem}-{args.seed}-{stamp}"
-    for name in ("output_dir", "toy_dir"):  # the folders a run writes into
-        require(not Path(getattr(args, name)).is_file(), f"--{name.replace('_', '-')} {getattr(args, name)} is a file")
     require(args.teacher or args.dataset in TOY_TASKS, f"--dataset {args.dataset} needs --teacher and --student")
-    for name, default in (("skd_top_k", 2 if args.teacher is None else 25),  # top-25 of 25 tokens: on-policy
-                          ("toy_teacher_steps", 3000 if args.dataset == "toy_summary" else 600),  # counting: slower
-                          ("lr", 5e-4 if args.teacher is None else 1e-5),  # 5e-4 trains tiny models, wrecks big ones
-                          ("max_new_tokens", 256 if args.dataset == "gsm8k" else 64)):  # GSM8K's answers run past 64
+    for name, default in filled_defaults(args).items():
         setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+    for name in ["output_dir", *["toy_dir"] * (args.teacher is None), *["teacher_cache"] * (not args.resume)]:
+        writable(getattr(args, name), f"--{name.replace('_', '-')}")  # the folders this run writes in
     for need, ok, names in ((">= 1", lambda v: v >= 1, "max_steps batch_size grad_accum max_new_tokens max_prompt_len "
                                                     "eval_samples skd_top_k log_every save_every toy_digits"),
                             (">= 0", lambda v: 0 <= v < math.inf, "seed eval_every toy_teacher_steps toy_student_steps "
@@ -612,8 +635,15 @@ def batch_stream(examples: list[dict], batch_size: int, pad_token_id: int, devic
 # --- Training loop: AdamW steps on the method's sequences, a checkpoint every --save-every steps.
 def save_pretrained(folder: Path, *parts) -> None:
     hf_logging.disable_progress_bar()  # transformers' "Writing model shards" bars, hidden like its loading bars
-    for part in parts:  # the model and its tokenizer
-        part.save_pretrained(folder)
+    try:
+        for part in parts:  # the model and its tokenizer
+            part.save_pretrained(folder)
+    except SafetensorError as error:  # a full disk, while writing the weights: an OSError as any other write's
+        raise OSError(f"cannot write {folder}: {error}") from None
+
+def whole_checkpoints(out: Path) -> list[Path]:
+    """The checkpoints with a state.pt (see save_checkpoint), oldest step first: a kill can leave two."""
+    return [p for p in checkpoints(out) if (p / "state.pt").is_file()]
 
 def checkpoints(out: Path) -> list[Path]:
     """The checkpoint-<step> folders this program wrote in out (a student/ or state.pt inside), oldest step first."""
@@ -625,8 +655,12 @@ def save_checkpoint(out: Path, student, tokenizer, state: dict) -> None:
     """out/checkpoint-<step>: the student (a save_pretrained folder) and state.pt (step, optimizer, schedule, totals).
     state.pt is written last, by rename: a folder without it is an interrupted save; the older ones go only after."""
     folder = out / f"checkpoint-{state['step']}"
-    save_pretrained(folder / "student", student, tokenizer)
-    torch.save(state, folder / "state.pt.partial")
+    try:
+        save_pretrained(folder / "student", student, tokenizer)
+        torch.save(state, folder / "state.pt.partial")
+    except (OSError, RuntimeError) as error:  # a full disk: torch.save's error is a RuntimeError
+        shutil.rmtree(folder, ignore_errors=True)  # frees what it took; the older checkpoints stay whole
+        raise OSError(f"cannot save {folder}: {str(error).strip().splitlines()[0]}") from None
     os.replace(folder / "state.pt.partial", folder / "state.pt")
     for old in set(checkpoints(out)) - {folder}:
         shutil.rmtree(old)
@@ -634,6 +668,17 @@ def save_checkpoint(out: Path, student, tokenizer, state: dict) -> None:
 def training_autocast(dtype: str, device: torch.device):
     """The context of every training step: bf16 autocast under --dtype bfloat16 on any device, none under float32."""
     return torch.autocast(device.type, torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+
+class Diverged(Exception):
+    """Non-finite numbers at a step: (step, what, the step whose weights gave them); main says how to go on."""
+
+@contextlib.contextmanager
+def stops_at(step: int, weights: int):
+    """A rollout's FloatingPointError (non-finite logits) as Diverged at `step`, with the weights of step `weights`."""
+    try:
+        yield
+    except FloatingPointError as error:
+        raise Diverged(step, str(error), weights) from None
 
 def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], test_batches: list[dict] | None = None,
           score: str = "exact", out: Path | None = None, state: dict | None = None, desc: str = "distill") -> dict:
@@ -646,6 +691,10 @@ def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], tes
     if state is not None:  # the student's weights came with it; the rest of where the run stopped is here
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
+        schedule.base_lrs = [args.lr]  # --resume may change --lr, --weight-decay: the schedule goes on at its step
+        for group in optimizer.param_groups:
+            group.update(initial_lr=args.lr, lr=args.lr * schedule.lr_lambdas[0](schedule.last_epoch),
+                         weight_decay=args.weight_decay)
     autocast = training_autocast(args.dtype, student.device)
     scorer = None if args.method == "sft" else teacher  # sequence_loss without a teacher: the log-likelihood (SFT)
     first, totals = (1, {}) if state is None else (state["step"] + 1, state["totals"])
@@ -657,7 +706,7 @@ def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], tes
         torch.manual_seed(args.seed * 1_000_003 + step)
         start, tokens, loss, seqs = time.perf_counter(), 0, 0.0, []
         for _ in range(args.grad_accum):  # made, scored and backpropagated one at a time: flat memory
-            with autocast:
+            with autocast, stops_at(step, step - 1):
                 seq = make_sequences(next(batches), student, teacher, args, stop, tokenizer.pad_token_id)
                 total = sequence_loss(student, scorer, seq, args.loss, args.beta, args.temperature, num_tokens=1.0)
             total.backward()
@@ -670,8 +719,9 @@ def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], tes
             grad /= num_tokens  # in place: a copy of Gemma's embedding gradient would add 0.7 GB to the peak
         loss = loss / num_tokens
         norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
-        require(loss.isfinite() and norm.isfinite(), f"step {step}: the loss is {loss.item():g} (gradient norm "
-                f"{norm.item():g}), stopped before the update; try a lower --lr or --dtype float32, then --resume")
+        if not (loss.isfinite() and norm.isfinite()):
+            raise Diverged(step, f"the loss is {loss.item():g} (gradient norm {norm.item():g}), stopped before the "
+                                 "update", step - 1)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -681,7 +731,8 @@ def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], tes
         for key, pair in {**stats, "seconds": (seconds, 1)}.items():  # evaluations and saves are not training time
             totals[key] = [a + b for a, b in zip(totals.get(key, (0, 0)), pair)]
         if test_batches and (args.eval_every and step % args.eval_every == 0 or step == args.max_steps):
-            record["eval_score"] = evaluate(student, tokenizer, test_batches, args, score, stop)
+            with stops_at(step, step):  # the weights of this step's update
+                record["eval_score"] = evaluate(student, tokenizer, test_batches, args, score, stop)
         shown = ("switch_rate", "teacher_frac") if args.method in ("adaswitch", "skd") else ()  # the rest is fixed
         bar.set_postfix(loss=f"{record['loss']:.3f}", **{key: f"{record[key]:.2f}" for key in shown})
         if out is not None and (step % args.log_every == 0 or "eval_score" in record):
@@ -762,6 +813,8 @@ def load_models(args: Args, device, student_path: str | None = None):
         args = replace(args, max_prompt_len=limit - args.max_new_tokens)
     return args, tokenizer, teacher.to(device).eval().requires_grad_(False), student
 
+RESUMABLE = ("lr", "max_grad_norm", "weight_decay", "dtype")  # the flags --resume may change: not the data, not shapes
+
 def open_run(args: Args, out: Path) -> dict | None:
     """None for a new run: refused where --output-dir holds a run, whose files (only those) --overwrite deletes. With
     --resume, the newest whole checkpoint (see save_checkpoint), once the run's flags are found the same."""
@@ -776,17 +829,24 @@ def open_run(args: Args, out: Path) -> dict | None:
     require((out / "args.json").is_file(), f"--resume: {out} holds no run (args.json) to continue")
     saved = json.loads((out / "args.json").read_text())
     for name, value in asdict(args).items():  # all but these must be the run's
-        require(name in ("output_dir", "resume", "overwrite", "save_every", "log_every", "eval_every", "teacher_cache")
-                or saved.get(name) == value, f"--resume: --{name.replace('_', '-')} is {value} here but "
-                f"{saved.get(name)} in the run in {out}; resume with the run's flags")
-    whole = [p / "state.pt" for p in checkpoints(out) if (p / "state.pt").is_file()]  # by step: a kill can leave two
-    require(whole, f"--resume: {out} holds no whole checkpoint (checkpoint-<step>/state.pt); start again (--overwrite)")
+        require(name in ("output_dir", "resume", "overwrite", "save_every", "log_every", "eval_every", "teacher_cache",
+                         *RESUMABLE) or saved.get(name) == value, f"--resume: --{name.replace('_', '-')} is {value} "
+                f"here but {saved.get(name)} in the run in {out}; resume with the run's flags (only "
+                f"{', '.join('--' + name.replace('_', '-') for name in RESUMABLE)} may change)")
+    require(whole := whole_checkpoints(out), f"--resume: {out} holds no whole checkpoint (checkpoint-<step>/state.pt); "
+                                             "start again (--overwrite)")
     try:
-        state = torch.load(path := whole[-1])
+        state = torch.load(path := whole[-1] / "state.pt")
     except Exception as error:  # any failure to read it: truncated, not a checkpoint, another format
         raise UsageError(f"--resume: {path} is damaged ({type(error).__name__}); start again (--overwrite)") from None
     require("totals" in state, f"--resume: {path} is from an older adaswitch.py (no totals); start again (--overwrite)")
-    return {**state, "student": path.parent / "student"}
+    changed = {name: [saved.get(name), value] for name, value in asdict(args).items()
+               if name in RESUMABLE and value != saved.get(name)}
+    if changed:  # args.json: the flags a later --resume compares with; under "changes", each with the step it follows
+        saved.update({name: new for name, (_, new) in changed.items()},
+                     changes=[*saved.get("changes", []), {"step": state["step"], **changed}])
+        (out / "args.json").write_text(json.dumps(saved, indent=1))
+    return {**state, "student": path.parent / "student", "changed": changed}
 
 def teacher_score(teacher, tokenizer, batches: list[dict], args: Args, score: str, stop: list[int]) -> float:
     """The teacher's evaluate() score, kept in --teacher-cache for later runs under a hash of all it depends on."""
@@ -811,6 +871,19 @@ def stop_ids(tokenizer, *models) -> list[int]:
     ids = {tokenizer.eos_token_id, *(i for e in eos for i in (e if isinstance(e, list) else [e]))}
     return sorted(i for i in ids if i is not None)
 
+def advice(step: int, what: str, weights: int, given: Args, out: Path) -> str:
+    """The line for non-finite numbers at `step`, from the weights after step `weights`, and the command that goes on. A
+    checkpoint older than those weights passed a whole step since: continue from it with a lower --lr. One that holds
+    them replays the same step (same data, same draws) whatever --lr: a float32 teacher, or a new start, changes it."""
+    whole, lr = whole_checkpoints(out), min(float(f"{given.lr / 10:g}"), filled_defaults(given)["lr"])  # or the default
+    if whole and int(whole[-1].name.split("-")[1]) < weights:
+        return f"step {step}: {what}; continue from {whole[-1]} with a lower --lr: {command(given, resume=True, lr=lr)}"
+    held = f"step {step}: {what}; {whole[-1]} holds those weights: " if whole else f"step {step}: {what}; "
+    if given.dtype == "bfloat16":
+        return f"{held}go on in float32: " + command(given, resume=bool(whole), overwrite=not whole,
+                                                                      dtype="float32")
+    return f"{held}start again with a lower --lr: {command(given, overwrite=True, lr=lr)}"
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     hf_logging.disable_progress_bar()  # loading bars for every model file would bury the report
@@ -824,20 +897,31 @@ def main(argv: list[str] | None = None) -> dict:
     test_batches = list(batch_stream(encode(test_rows, tokenizer, args), args.batch_size, pad, device))
     auto = {"toy": "number", "toy_summary": "rouge", "gsm8k": "number", "dialogsum": "rouge"}.get(args.dataset)
     score, log = args.score if args.score != "auto" else auto or "exact", out / "metrics.jsonl"
-    if state is not None:  # metrics.jsonl continues from the checkpoint, the data after the batches it used
-        print(f"resuming from step {state['step']} of {out}")
-        train_batches = itertools.islice(train_batches, state["step"] * args.grad_accum, None)
-        log.write_text("".join(r for r in log.read_text().splitlines(True) if json.loads(r)["step"] <= state["step"]))
-    else:  # a new run: its folder is written only now that the data and the models have loaded
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(asdict(given), indent=1))
-        print(f"evaluating the teacher and the student on {len(test_rows)} test examples ({score} score)")
-        before = {"teacher_score": teacher_score(teacher, tokenizer, test_batches, args, score, stop),
-                  "eval_score": evaluate(student, tokenizer, test_batches, args, score, stop, "eval student")}
-        log.write_text(json.dumps({"step": 0, **before}) + "\n")
-    print(f"distilling: {args.method}, {args.max_steps} steps at lr {args.lr:g}, into {out}")
-    totals = train(student, teacher, train_batches, args, tokenizer, stop, test_batches, score, out, state)
-    save_pretrained(out / "student", student, tokenizer)
+    try:  # from here on, non-finite numbers and failed writes end in one line with the command that goes on
+        if state is not None:  # metrics.jsonl continues from the checkpoint, the data after the batches it used
+            print(f"resuming from step {state['step']} of {out}", *(f"--{name.replace('_', '-')} {new} (was {old})"
+                                                                   for name, (old, new) in state["changed"].items()),
+                  sep=", ")
+            train_batches = itertools.islice(train_batches, state["step"] * args.grad_accum, None)
+            kept = [r for r in log.read_text().splitlines(True) if json.loads(r)["step"] <= state["step"]]
+            log.write_text("".join(kept))
+        else:  # a new run: its folder is written only now that the data and the models have loaded
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "args.json").write_text(json.dumps(asdict(given), indent=1))
+            print(f"evaluating the teacher and the student on {len(test_rows)} test examples ({score} score)")
+            with stops_at(0, 0):
+                before = {"teacher_score": teacher_score(teacher, tokenizer, test_batches, args, score, stop),
+                          "eval_score": evaluate(student, tokenizer, test_batches, args, score, stop, "eval student")}
+            log.write_text(json.dumps({"step": 0, **before}) + "\n")
+        print(f"distilling: {args.method}, {args.max_steps} steps at lr {args.lr:g}, into {out}")
+        totals = train(student, teacher, train_batches, args, tokenizer, stop, test_batches, score, out, state)
+        save_pretrained(out / "student", student, tokenizer)
+    except Diverged as error:
+        raise UsageError(advice(*error.args, given, out)) from None
+    except OSError as error:  # a full disk, a folder made read-only: checkpoints are whole or passed over (--resume)
+        raise UsageError(f"{error}; " + (f"{whole[-1]} is whole: make room, then continue with: "
+                                         f"{command(given, resume=True)}" if (whole := whole_checkpoints(out)) else
+                                         f"make room, then start again: {command(given, overwrite=True)}")) from None
     first, *_, last = [json.loads(line) for line in log.read_text().splitlines()]  # the last: the final evaluation
     summary = {"method": args.method, "dataset": args.dataset, "score": score, "teacher": first["teacher_score"],
                "student_before": first["eval_score"], "student_after": last["eval_score"],

@@ -105,12 +105,16 @@ class AdaSwitchTrainer(DistillationTrainer):
               unwrap_model_for_generation(self.teacher_model, **unwrap) as teacher,
               self._dist.summon_full_params(self.model_wrapped, recurse=False),
               self._dist.summon_full_params(self.teacher_model, recurse=False)):
-            out = rollout(student, teacher, input_ids, attention_mask, a.rollout_mode,
-                          max_new_tokens=self.max_completion_length, window=a.window, k=a.k, skd_top_k=a.skd_top_k,
-                          switch_metric=a.switch_metric, switch_beta=a.switch_beta, temperature=self.temperature,
-                          do_sample=self.generation_kwargs["do_sample"], pad_token_id=pad_id,
-                          eos_token_id=sorted({*self.eos_token_ids, *stop_ids(self._tokenizer, teacher)}),
-                          min_history=a.min_history, teacher_writes_switch_token=a.teacher_writes_switch_token)
+            try:
+                out = rollout(student, teacher, input_ids, attention_mask, a.rollout_mode,
+                              max_new_tokens=self.max_completion_length, window=a.window, k=a.k,
+                              skd_top_k=a.skd_top_k, switch_metric=a.switch_metric, switch_beta=a.switch_beta,
+                              temperature=self.temperature,
+                              do_sample=self.generation_kwargs["do_sample"], pad_token_id=pad_id,
+                              eos_token_id=sorted({*self.eos_token_ids, *stop_ids(self._tokenizer, teacher)}),
+                              min_history=a.min_history, teacher_writes_switch_token=a.teacher_writes_switch_token)
+            except FloatingPointError as error:  # non-finite logits: diverged weights or overflow; __main__ says more
+                raise FloatingPointError(f"step {self.state.global_step + 1}: {error}") from None
         self._log_switches(out)
         completions = out.sequences[:, input_ids.shape[1]:].cpu()                                          # [B, N]
         return [row[keep].tolist() for row, keep in zip(completions, out.completion_mask.bool().cpu())]
@@ -157,7 +161,16 @@ def main(script_args, training_args, model_args):
 
 
 if __name__ == "__main__":
+    import shlex
+    import sys
+
     from trl import ModelConfig, ScriptArguments, TrlParser
 
-    trainer = main(*TrlParser((ScriptArguments, AdaSwitchConfig, ModelConfig)).parse_args_and_config())
+    parsed = TrlParser((ScriptArguments, AdaSwitchConfig, ModelConfig)).parse_args_and_config()
+    try:
+        trainer = main(*parsed)
+    except FloatingPointError as error:  # a resumed Trainer keeps its checkpoint's learning rate: start again
+        lower = ["--learning_rate", f"{parsed[1].learning_rate / 10:g}"]  # argparse takes a flag's last value
+        sys.exit(f"error: {error}; start again with a lower learning rate: "
+                 f"{shlex.join(['python', sys.argv[0], *sys.argv[1:], *lower])}")
     trainer.end()

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -522,6 +523,19 @@ def test_wider_teacher_vocab(student, prompts, mode):
         assert torch.allclose(A.sequence_loss(student, wide, ro), expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("broken", ["student", "teacher"])
+def test_non_finite_logits_stop_the_rollout_naming_the_model_and_the_step(student, teacher, prompts, broken):
+    """A model whose logits are NaN (diverged weights, an overflow) stops the rollout with a FloatingPointError that
+    names it and the completion step, not a traceback from inside torch.multinomial; the head check of the teacher's
+    first forward lets the NaN through to say so."""
+    models = {"student": student, "teacher": teacher}
+    models[broken] = copy.deepcopy(models[broken])
+    with torch.no_grad():
+        models[broken].lm_head.weight[5, 0] = math.nan  # tied to the input embedding: id 5's logit is NaN everywhere
+    with pytest.raises(FloatingPointError, match=f"^the {broken}'s logits are NaN or inf at completion step 0$"):
+        run(models["student"], models["teacher"], prompts, "adaswitch", do_sample=True)
+
+
 def test_rollout_rejects_bad_mode(student, teacher, prompts):
     """An unknown mode raises ValueError."""
     with pytest.raises(ValueError, match="mode"):
@@ -677,7 +691,9 @@ def test_sequence_loss_is_the_distill_loss_of_a_fresh_forward_or_the_nll(student
     with torch.no_grad():
         s, t = (completion_logits(m(input_ids=ro.sequences, attention_mask=ro.attention_mask,
                                     position_ids=A.position_ids(ro.attention_mask)).logits, N) for m in (student, teacher))
-        for kept in (ro.teacher_hidden, None):
+        for kept in (ro.teacher_hidden, None):  # atol 1e-4 on a mean divergence: kept states differ from a fresh
+            # forward's by float rounding that depends on the CPU's kernels (bounded above); the chunking's exactness
+            # is test_chunked_loss_and_gradient_equal_the_full_logits_ones, like with like
             seq = A.Rollout(**{**vars(ro), "teacher_hidden": kept})
             assert torch.allclose(A.sequence_loss(student, teacher, seq, "rkl"), distill_loss(s, t, ro.completion_mask, "rkl"),
                                   atol=1e-4)
@@ -694,8 +710,10 @@ def full_logits_loss(student, teacher, seq, metric, temperature):
     if teacher is None:
         nll = F.cross_entropy(s.transpose(1, 2), seq.sequences[:, -n:], reduction="none")  # [B, N]
         return torch.where(mask.bool(), nll, 0.0).sum() / mask.sum()
-    with torch.no_grad():
-        t = completion_logits(teacher(**inputs).logits, n)
+    with torch.no_grad():  # the teacher states the chunked loss is given: kept ones == a fresh forward's only to float
+        # rounding, which differs between CPUs' kernels (a test of its own checks that)
+        t = completion_logits(teacher(**inputs).logits, n) if seq.teacher_hidden is None else \
+            A.lm_head(teacher, seq.teacher_hidden)                                          # [B, N, V]
     return distill_loss(s, t, mask, metric, 0.3, temperature)
 
 
@@ -1270,6 +1288,10 @@ BAD_INPUTS += [
      [flag_name("--batch-size"), r"\b2\b", r"\b4\b"]),
     ("resume-other-method", lambda s, t: earlier_run(s, t, "--resume", "--method", "sft"), {}, [flag_name("--method")]),
     ("resume-without-checkpoint", lambda s, t: earlier_run(s, t, "--resume"), {}, [r"no whole checkpoint"]),
+    ("output-dir-under-a-file", lambda s, t: ["--output-dir", write(t / "file", "") + "/run"], {},
+     [r"--output-dir \S*file/run: \S*file is a file, not a folder"]),
+    ("teacher-cache-in-proc", lambda s, t: ["--teacher-cache", "/proc/nope"], {},
+     [r"--teacher-cache /proc/nope: cannot write in /proc\b"]),
     ("resume-damaged-checkpoint", lambda s, t: earlier_run(s, t, "--resume", state=b"not a checkpoint"), {},
      [r"state\.pt", r"damaged"]),
 ]
@@ -1429,8 +1451,16 @@ def test_gradient_accumulation_equals_one_big_batch(teacher, method, monkeypatch
                              "--grad-accum", str(accum)])
         batches = A.batch_stream(examples, batch_size, PAD, "cpu")
         A.train(copy.deepcopy(start), teacher, batches, args, tokenizer, A.stop_ids(tokenizer))
+    # Clipping sees the gradient of the mean token loss over the window (whole logits, as written before chunking),
+    # not the sum: a sum would make clipping fire at every step and weigh long windows more.
+    model, seq = copy.deepcopy(start), A.make_sequences(next(A.batch_stream(examples, 4, PAD, "cpu")), None, None,
+                                                        args, [EOS], PAD)
+    full_logits_loss(model.train(), None if method == "sft" else teacher, seq, "fkl", 1.0).backward()
+    mean = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert len(grads) == 2 and grads[0].abs().sum() > 0
+    # Float32 sums in other orders (chunks, micro-batches): 1e-4 relative, far below the 11x or 3x of a missing division
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    assert torch.allclose(grads[0], mean, rtol=1e-4, atol=1e-6)
 
 
 ROUGE_PAIRS = [
@@ -1632,9 +1662,18 @@ def test_a_killed_run_resumes_to_the_same_student(saved, tmp_path):
     same_run(tmp_path / "whole", cut)
 
 
+def advised(message: str) -> list[str]:
+    """The flags of the command a stopping message prints after its last ': ', checked to be adaswitch.py's."""
+    command = shlex.split(message.rsplit(": ", 1)[1])
+    assert command[:2] == ["python", os.path.relpath(SCRIPT)], message
+    return command[2:]
+
+
 def test_a_non_finite_loss_stops_before_the_update(saved, tmp_path, monkeypatch):
     """A NaN loss at step 3 stops the run with one line naming the step; the step-2 checkpoint stays, no step-3 one, and
-    the student in memory is still the step-2 student (the NaN gradient never reached the weights)."""
+    the student in memory is still the step-2 student (the NaN gradient never reached the weights). Those weights are
+    checkpoint-2's: resuming would replay step 3 on them, so the line says to start again with a lower --lr, and that
+    command runs to the end."""
     loss, calls, load, loaded = A.sequence_loss, [], A.load_models, []
     monkeypatch.setattr(A, "load_models", lambda *args, **kwargs: loaded.append(load(*args, **kwargs)) or loaded[-1])
 
@@ -1642,12 +1681,188 @@ def test_a_non_finite_loss_stops_before_the_update(saved, tmp_path, monkeypatch)
         calls.append(1)
         return loss(*args, **kwargs) * (math.nan if len(calls) == 3 else 1.0)
     monkeypatch.setattr(A, "sequence_loss", nan_at_step_3)
-    with pytest.raises(A.UsageError, match=r"^step 3: the loss is nan"):
+    with pytest.raises(A.UsageError, match=r"^step 3: the loss is nan .*checkpoint-2 holds those weights: start again "
+                                           r"with a lower --lr: ") as stopped:
         A.main(cli_args(saved, tmp_path, "--method", "on_policy", "--max-steps", "4", "--save-every", "1"))
     assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-2"]
     assert (tmp_path / "checkpoint-2" / "state.pt").exists()
     in_memory, step_2 = loaded[0][3].state_dict(), weights(tmp_path / "checkpoint-2" / "student")
     assert all(torch.equal(in_memory[name], step_2[name]) for name in step_2)
+    flags = advised(str(stopped.value))
+    assert "--overwrite" in flags and "--resume" not in flags and flags[flags.index("--lr") + 1] == "1e-06"
+    A.main(flags)
+    assert [r["step"] for r in logged(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_a_non_finite_loss_continues_from_the_checkpoint_with_the_printed_lower_lr(saved, tmp_path, monkeypatch, capsys):
+    """A NaN loss at step 4 after the step-2 checkpoint (whose weights passed step 3 since): the line names checkpoint-2
+    and a command with --resume and a lower --lr. That command runs to the last step, prints the change, records it in
+    args.json, and the schedule goes on from step 2 at the new peak rate (metrics.jsonl's lr)."""
+    loss, calls = A.sequence_loss, []
+
+    def nan_at_step_4(*args, **kwargs):
+        calls.append(1)
+        return loss(*args, **kwargs) * (math.nan if len(calls) == 4 else 1.0)
+    monkeypatch.setattr(A, "sequence_loss", nan_at_step_4)
+    with pytest.raises(A.UsageError, match=rf"^step 4: the loss is nan .*; continue from "
+                                           rf"{re.escape(str(tmp_path / 'checkpoint-2'))} with a lower --lr: ") as stopped:
+        A.main(cli_args(saved, tmp_path, "--method", "on_policy", "--max-steps", "5", "--save-every", "2"))
+    monkeypatch.undo()
+    flags = advised(str(stopped.value))
+    assert "--resume" in flags and "--overwrite" not in flags and flags[flags.index("--lr") + 1] == "1e-06"
+    capsys.readouterr()
+    A.main(flags)
+    assert f"resuming from step 2 of {tmp_path}, --lr 1e-06 (was 1e-05)\n" in capsys.readouterr().out
+    run = json.loads((tmp_path / "args.json").read_text())
+    assert run["lr"] == 1e-6 and run["changes"] == [{"step": 2, "lr": [1e-5, 1e-6]}]
+    lr = {r["step"]: r["lr"] for r in logged(tmp_path)}
+    assert sorted(lr) == [1, 2, 3, 4, 5]
+    # No warm-up (round(0.1 * 5) = 0 steps), then linear decay to 0 at step 5: the rate after step s is peak (5 - s) / 5.
+    assert lr[2] == pytest.approx(1e-5 * 3 / 5) and lr[3] == pytest.approx(1e-6 * 2 / 5)
+    assert lr[4] == pytest.approx(1e-6 * 1 / 5)
+
+
+def test_resume_may_change_the_flags_that_keep_the_data_and_the_shapes(saved, tmp_path, monkeypatch, capsys):
+    """--resume with another --max-grad-norm, --weight-decay and --dtype: printed, recorded in args.json with the step,
+    and the optimizer steps with the new weight decay (the final checkpoint's state); other flags stay refused
+    (BAD_INPUTS: --batch-size, --method)."""
+    stats, calls = A.sequence_stats, []
+
+    def interrupted(seqs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # in the middle of step 3, after checkpoint-2
+        return stats(seqs)
+    monkeypatch.setattr(A, "sequence_stats", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        A.main(cli_args(saved, tmp_path, "--max-steps", "3", "--save-every", "2"))
+    monkeypatch.undo()
+    capsys.readouterr()
+    A.main(cli_args(saved, tmp_path, "--max-steps", "3", "--save-every", "2", "--resume", "--max-grad-norm", "0.5",
+                    "--weight-decay", "0.1", "--dtype", "bfloat16"))
+    assert (f"resuming from step 2 of {tmp_path}, --dtype bfloat16 (was float32), --weight-decay 0.1 (was 0.0), "
+            f"--max-grad-norm 0.5 (was 1.0)\n") in capsys.readouterr().out
+    run = json.loads((tmp_path / "args.json").read_text())
+    assert (run["max_grad_norm"], run["weight_decay"], run["dtype"]) == (0.5, 0.1, "bfloat16")
+    assert run["changes"] == [{"step": 2, "dtype": ["float32", "bfloat16"], "weight_decay": [0.0, 0.1],
+                               "max_grad_norm": [1.0, 0.5]}]
+    [group] = torch.load(tmp_path / "checkpoint-3" / "state.pt")["optimizer"]["param_groups"]
+    assert group["weight_decay"] == 0.1 and group["initial_lr"] == 1e-5
+
+
+def test_a_diverging_run_ends_in_one_line_whose_advice_runs_to_the_end(saved, tmp_path):
+    """The issue's run: --lr 1e6 without warm-up; step 1's update is finite, so checkpoint-1 holds weights whose logits
+    are NaN, met by step 2's rollout. One line, exit code 1, no traceback from the sampler; it says to start again with a
+    lower --lr (resuming checkpoint-1 would meet the same logits), and that command runs to the end."""
+    out = tmp_path / "run"
+    flags = cli_args(saved, out, "--method", "on_policy", "--lr", "1e6", "--warmup-ratio", "0", "--save-every", "1",
+                     "--max-steps", "3")
+    result = subprocess.run([sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=300)
+    stderr = result.stderr.strip()
+    assert result.returncode == 1 and "Traceback" not in stderr and len(stderr.splitlines()) == 1, stderr[-3000:]
+    assert re.match(r"error: step 2: the student's logits are NaN or inf at completion step \d+; \S*checkpoint-1 holds "
+                    r"those weights: start again with a lower --lr: ", stderr), stderr
+    flags = advised(stderr)
+    assert "--overwrite" in flags and flags[flags.index("--lr") + 1] == "1e-05"
+    done = subprocess.run([sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and max(r["step"] for r in logged(out)) == 3, done.stderr[-3000:]
+
+
+def test_non_finite_logits_in_an_evaluation_stop_the_run_with_the_command_that_goes_on(saved, tmp_path, monkeypatch):
+    """The evaluation after step 2 meets non-finite logits (the weights of step 2's update): checkpoint-1 passed a whole
+    step since, so the line says to continue from it with a lower --lr, and that command runs to the end."""
+    evaluate = A.evaluate
+
+    def diverged(*args, **kwargs):
+        if len(args) == 6:  # the evaluations during training (those before it name themselves)
+            raise FloatingPointError("the student's logits are NaN or inf at completion step 3")
+        return evaluate(*args, **kwargs)
+    monkeypatch.setattr(A, "evaluate", diverged)
+    with pytest.raises(A.UsageError, match=r"^step 2: the student's logits are NaN or inf at completion step 3; continue "
+                                           r"from \S*checkpoint-1 with a lower --lr: ") as stopped:
+        A.main(cli_args(saved, tmp_path, "--max-steps", "3", "--save-every", "1", "--eval-every", "2"))
+    monkeypatch.undo()
+    A.main(advised(str(stopped.value)))
+    assert [r["step"] for r in logged(tmp_path)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("flag", ["--output-dir", "--toy-dir", "--teacher-cache"])
+@pytest.mark.parametrize("where", ["under-a-file", "proc"])
+def test_a_folder_that_cannot_be_written_is_one_line_before_any_model_loads(tmp_path, monkeypatch, flag, where):
+    """Each folder a run writes in (the toy run: all three) is checked when the run starts: a path under a regular file,
+    or in /proc (where root cannot write either), is one line naming the flag, before any model loads or trains."""
+    (tmp_path / "file").write_text("")
+    folder = str(tmp_path / "file" / "run") if where == "under-a-file" else "/proc/nope/run"
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model loaded")
+    monkeypatch.setattr(A, "from_pretrained", loaded)
+    monkeypatch.setattr(A, "prepare_toy", loaded)
+    monkeypatch.chdir(tmp_path)
+    reason = r"\S*file is a file, not a folder" if where == "under-a-file" else r"cannot write in /proc \("
+    with pytest.raises(A.UsageError, match=rf"^{flag} {re.escape(folder)}: {reason}"):
+        A.main([flag, folder])
+
+
+@pytest.mark.parametrize("failure", ["disk full, writing the weights", "permission, writing state.pt"])
+def test_a_save_that_fails_mid_run_is_one_line_naming_the_last_whole_checkpoint(saved, tmp_path, monkeypatch, failure):
+    """Checkpoint-3's save fails (a full disk: safetensors' own error; no permission: an OSError from torch.save): one
+    line naming checkpoint-2, which stays whole, with the command that continues; checkpoint-3's partial folder is
+    removed (the space it took is what a full disk needs), and the command runs to the end."""
+    from safetensors import SafetensorError
+    import transformers.modeling_utils
+    write_weights, save = transformers.modeling_utils.safe_save_file, torch.save
+
+    def full(tensors, path, *args, **kwargs):
+        if "checkpoint-3" in str(path):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return write_weights(tensors, path, *args, **kwargs)
+
+    def denied(obj, path, *args, **kwargs):
+        if "checkpoint-3" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return save(obj, path, *args, **kwargs)
+    monkeypatch.setattr(*(transformers.modeling_utils, "safe_save_file", full) if failure.startswith("disk") else
+                        (torch, "save", denied))
+    reason = "No space left on device" if failure.startswith("disk") else "Permission denied"
+    with pytest.raises(A.UsageError, match=rf"^cannot save \S*checkpoint-3: .*{reason}.*; "
+                                           rf"{re.escape(str(tmp_path / 'checkpoint-2'))} is whole: ") as stopped:
+        A.main(cli_args(saved, tmp_path, "--max-steps", "4", "--save-every", "1"))
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert torch.load(tmp_path / "checkpoint-2" / "state.pt")["step"] == 2
+    A.main(advised(str(stopped.value)))
+    assert [r["step"] for r in logged(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_a_users_copy_of_a_checkpoint_is_left_alone(saved, tmp_path, monkeypatch):
+    """A user's checkpoint-best/ holding a whole checkpoint (student/ and state.pt, copied from step 2 of another run)
+    is not one of the program's: a new run neither refuses it as a run nor deletes it, a resumed run continues from
+    its own checkpoint-2, not from it, and --overwrite deletes the run's files but not it."""
+    A.main(cli_args(saved, tmp_path / "other", "--max-steps", "2", "--save-every", "2"))
+    run, best = tmp_path / "run", tmp_path / "run" / "checkpoint-best"
+    shutil.copytree(tmp_path / "other" / "checkpoint-2", best)
+    with open(best / "state.pt", "r+b") as f:  # whole, and marked: resuming from it would start after step 7
+        state = torch.load(f)
+        f.seek(0)
+        torch.save({**state, "step": 7}, f)
+    kept = {p.relative_to(best): p.read_bytes() for p in best.rglob("*") if p.is_file()}
+    stats, calls = A.sequence_stats, []
+
+    def interrupted(seqs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # in the middle of step 3, after checkpoint-2
+        return stats(seqs)
+    with monkeypatch.context() as patched:
+        patched.setattr(A, "sequence_stats", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            A.main(cli_args(saved, run, "--max-steps", "4", "--save-every", "2"))
+    A.main(cli_args(saved, run, "--max-steps", "4", "--save-every", "2", "--resume"))
+    assert [r["step"] for r in logged(run)] == [1, 2, 3, 4]
+    A.main(cli_args(saved, run, "--max-steps", "2", "--save-every", "2", "--overwrite"))
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-best"]
+    assert {p.relative_to(best): p.read_bytes() for p in best.rglob("*") if p.is_file()} == kept
 
 
 def test_nan_weights_are_refused_at_load(saved, tmp_path):

@@ -299,3 +299,29 @@ def test_one_adaswitch_step_on_the_gemma_pair(pair, tmp_path):
     trainer.train()
     log = trainer.state.log_history[0]
     assert log["switch_rate"] > 0 and 0 < log["teacher_frac"] < 1 and math.isfinite(log["loss"])
+
+
+def test_non_finite_logits_end_training_in_one_line(tiny, tmp_path):
+    """A student whose weights hold a NaN (diverged, or overflowed in bf16): trainer.train() stops at step 1 with one
+    FloatingPointError naming the step, the model and the completion step, not a traceback from torch.multinomial; and
+    adaswitch_trl.py's __main__ ends in one line, exit code 1, with the command again at a lower learning rate."""
+    broken = tmp_path / "broken"
+    model = AutoModelForCausalLM.from_pretrained(tiny / "student")
+    with torch.no_grad():
+        model.lm_head.weight[5, 0] = math.nan
+    model.save_pretrained(broken)
+    AutoTokenizer.from_pretrained(tiny / "student").save_pretrained(broken)
+    args = AdaSwitchConfig(**settings(tmp_path / "out", generation_kwargs={"do_sample": True}))
+    trainer = AdaSwitchTrainer(model=str(broken), teacher_model=str(tiny / "teacher"), args=args,
+                               train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS]),
+                               processing_class=AutoTokenizer.from_pretrained(broken, padding_side="left"))
+    with pytest.raises(FloatingPointError, match=r"^step 1: the student's logits are NaN or inf at completion step 0$"):
+        trainer.train()
+    flags = ["--model_name_or_path", str(broken), "--teacher_model_name_or_path", str(tiny / "teacher"),
+             "--dataset_name", str(tiny / "prompts.jsonl"), *FLAGS, "--output_dir", str(tmp_path / "cli")]
+    done = subprocess.run([sys.executable, str(HERE / "adaswitch_trl.py"), *flags], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert last.startswith("error: step 1: the student's logits are NaN or inf at completion step 0; start again "
+                           "with a lower learning rate: python ") and last.endswith("--learning_rate 0.001"), last
