@@ -307,8 +307,7 @@ class Args:
     save_every: int = arg(100, "steps between checkpoints in --output-dir (one is also written at the end)")
     resume: bool = arg(False, "continue the run in --output-dir; new --lr/--dtype/--weight-decay/--max-grad-norm ok")
     overwrite: bool = arg(False, "replace a run already in --output-dir")
-    dtype: Literal["float32", "bfloat16"] = arg("float32", "bfloat16: teacher weights in bf16, the student (float32 "
-                                                "weights) under bf16 autocast, on any device; float32: neither")
+    dtype: Literal["float32", "bfloat16"] = arg("float32", "bfloat16: bf16 teacher, student under bf16 autocast")
     log_every: int = arg(10, "steps between lines of metrics.jsonl")
     eval_every: int = arg(0, "steps between evaluations during training (0: only before and after)")
     teacher_cache: str = arg("runs/teacher-scores", "teacher scores kept for later runs, keyed by all they depend on")
@@ -361,8 +360,7 @@ def filled_defaults(args: Args) -> dict:
             "max_new_tokens": 256 if args.dataset == "gsm8k" else 64}  # GSM8K's answers run past 64
 
 def writable(path: str, flag: str) -> None:
-    """A folder the run writes in: the nearest existing folder on its path must take a new file (made and deleted: root
-    ignores permissions, a read-only mount or /proc does not). Checked before any model loads."""
+    """The nearest existing folder on path must take a new file (root ignores permissions; read-only mounts do not)."""
     folder = Path(path).expanduser().absolute()
     folder = next(p for p in (folder, *folder.parents) if p.exists())
     require(folder.is_dir(), f"{flag} {path}: {folder} is a file, not a folder")
@@ -390,8 +388,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     stamp = time.strftime("%Y%m%d-%H%M%S")  # named as CleanRL names runs: a second run never erases the first
     args.output_dir = args.output_dir or f"runs/{args.method}-{Path(args.dataset).stem}-{args.seed}-{stamp}"
     require(args.teacher or args.dataset in TOY_TASKS, f"--dataset {args.dataset} needs --teacher and --student")
-    for name, default in filled_defaults(args).items():
-        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+    args = replace(args, **{name: v for name, v in filled_defaults(args).items() if getattr(args, name) is None})
     for name in ["output_dir", *["toy_dir"] * (args.teacher is None), *["teacher_cache"] * (not args.resume)]:
         writable(getattr(args, name), f"--{name.replace('_', '-')}")  # the folders this run writes in
     for need, ok, names in ((">= 1", lambda v: v >= 1, "max_steps batch_size grad_accum max_new_tokens max_prompt_len "
@@ -506,8 +503,7 @@ def summary_example(rng: random.Random, digits: int) -> dict:
 TOY_TASKS = {"toy": addition_example, "toy_summary": summary_example}
 
 def toy_rows(task: str, digits: int, test_size: int, train_size: int = 20000) -> tuple[list[dict], list[dict]]:
-    """Train and test rows from two fixed streams; test prompts (CRC-32 divisible by 10) are never trained on,
-    whatever test_size, which only truncates the test stream."""
+    """Train and test rows from two fixed streams; test prompts (CRC-32 divisible by 10) are never trained on."""
     make, held_out = TOY_TASKS[task], lambda row: zlib.crc32(row["prompt"].encode()) % 10 == 0  # noqa: E731
     test_rng, train_rng = random.Random(f"{task}-test-{digits}"), random.Random(f"{task}-train-{digits}")
     test = itertools.islice(filter(held_out, (make(test_rng, digits) for _ in itertools.count())), test_size)
@@ -585,8 +581,8 @@ def load_rows(args: Args) -> tuple[list[dict], list[dict]]:
     return train, test[:args.eval_samples]
 
 def encode(rows: list[dict], tokenizer, args: Args) -> list[dict]:
-    """Token ids: the prompt in its task template and chat template, and the response as the model ends a turn.
-    A prompt over --max-prompt-len loses the start of its content, never the instruction or the chat markup."""
+    """Token ids: the prompt in its task and chat templates (over --max-prompt-len: its content's start cut, never the
+    instruction or the chat markup), and the response as the model ends a turn."""
     template = TASKS[args.dataset][4] if args.dataset in TASKS else "{prompt}"
     chat = args.chat_template and tokenizer.chat_template is not None
 
@@ -635,30 +631,23 @@ def batch_stream(examples: list[dict], batch_size: int, pad_token_id: int, devic
 # --- Training loop: AdamW steps on the method's sequences, a checkpoint every --save-every steps.
 def save_pretrained(folder: Path, *parts) -> None:
     hf_logging.disable_progress_bar()  # transformers' "Writing model shards" bars, hidden like its loading bars
-    try:
-        for part in parts:  # the model and its tokenizer
-            part.save_pretrained(folder)
-    except SafetensorError as error:  # a full disk, while writing the weights: an OSError as any other write's
-        raise OSError(f"cannot write {folder}: {error}") from None
+    for part in parts:  # the model and its tokenizer
+        part.save_pretrained(folder)
 
-def whole_checkpoints(out: Path) -> list[Path]:
-    """The checkpoints with a state.pt (see save_checkpoint), oldest step first: a kill can leave two."""
-    return [p for p in checkpoints(out) if (p / "state.pt").is_file()]
-
-def checkpoints(out: Path) -> list[Path]:
-    """The checkpoint-<step> folders this program wrote in out (a student/ or state.pt inside), oldest step first."""
+def checkpoints(out: Path, whole: bool = False) -> list[Path]:
+    """The checkpoint-<step> folders this program wrote in out (whole: with a state.pt), oldest step first."""
     ours = [p for p in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)
-            and ((p / "student").is_dir() or (p / "state.pt").is_file())]
+            and ((p / "state.pt").is_file() or not whole and (p / "student").is_dir())]
     return sorted(ours, key=lambda p: int(p.name.split("-")[1]))
 
 def save_checkpoint(out: Path, student, tokenizer, state: dict) -> None:
-    """out/checkpoint-<step>: the student (a save_pretrained folder) and state.pt (step, optimizer, schedule, totals).
-    state.pt is written last, by rename: a folder without it is an interrupted save; the older ones go only after."""
+    """out/checkpoint-<step>: student/ and state.pt (step, optimizer, schedule, totals), written last by rename: a
+    folder without it is an interrupted save (passed over); the older ones go only after. A failed write: an OSError."""
     folder = out / f"checkpoint-{state['step']}"
     try:
         save_pretrained(folder / "student", student, tokenizer)
         torch.save(state, folder / "state.pt.partial")
-    except (OSError, RuntimeError) as error:  # a full disk: torch.save's error is a RuntimeError
+    except (OSError, SafetensorError, RuntimeError) as error:  # a full disk: safetensors' and torch.save's own errors
         shutil.rmtree(folder, ignore_errors=True)  # frees what it took; the older checkpoints stay whole
         raise OSError(f"cannot save {folder}: {str(error).strip().splitlines()[0]}") from None
     os.replace(folder / "state.pt.partial", folder / "state.pt")
@@ -669,21 +658,13 @@ def training_autocast(dtype: str, device: torch.device):
     """The context of every training step: bf16 autocast under --dtype bfloat16 on any device, none under float32."""
     return torch.autocast(device.type, torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
 
-class Diverged(Exception):
-    """Non-finite numbers at a step: (step, what, the step whose weights gave them); main says how to go on."""
-
-@contextlib.contextmanager
-def stops_at(step: int, weights: int):
-    """A rollout's FloatingPointError (non-finite logits) as Diverged at `step`, with the weights of step `weights`."""
-    try:
-        yield
-    except FloatingPointError as error:
-        raise Diverged(step, str(error), weights) from None
+class Diverged(FloatingPointError):
+    """(what, step, weights): non-finite numbers met at a training step, from the weights after step `weights`."""
 
 def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], test_batches: list[dict] | None = None,
           score: str = "exact", out: Path | None = None, state: dict | None = None, desc: str = "distill") -> dict:
-    """AdamW, linear warm-up and decay; each step: make the sequences, score them, clip, step; evaluate, log and save
-    into out. Returns {statistic: [sum, count]} and the steps' seconds over the whole run (a resumed one's included)."""
+    """AdamW, linear warm-up and decay; each step: make the sequences, score them, clip, step; evaluate, log, save.
+    Returns {statistic: [sum, count]}, the steps' seconds included, over the whole run (a resumed one's too)."""
     student.train()
     # fused: one kernel per step, no temporary the size of a parameter (as Trainer's default, adamw_torch_fused)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
@@ -700,53 +681,54 @@ def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], tes
     first, totals = (1, {}) if state is None else (state["step"] + 1, state["totals"])
     bar = tqdm(range(first, args.max_steps + 1), desc=desc, initial=first - 1, total=args.max_steps, leave=False,
                disable=not sys.stderr.isatty())
-    for step in bar:
-        # The step's random draws (rollout samples, dropout) follow from (seed, step) alone, so a resumed run draws
-        # what the uninterrupted one drew, and checkpoints need no random states.
-        torch.manual_seed(args.seed * 1_000_003 + step)
-        start, tokens, loss, seqs = time.perf_counter(), 0, 0.0, []
-        for _ in range(args.grad_accum):  # made, scored and backpropagated one at a time: flat memory
-            with autocast, stops_at(step, step - 1):
-                seq = make_sequences(next(batches), student, teacher, args, stop, tokenizer.pad_token_id)
-                total = sequence_loss(student, scorer, seq, args.loss, args.beta, args.temperature, num_tokens=1.0)
-            total.backward()
-            tokens, loss = tokens + seq.completion_mask.sum(), loss + total.detach()
-            seq.teacher_hidden = None  # [B, N, H]: freed before the next rollout, not held for the whole window
-            seqs.append(seq)
-        # Summed over the window, then divided by its token count: every token weighs the same, whichever micro-batch.
-        num_tokens = tokens.clamp(min=1).float()
-        for grad in (p.grad for p in student.parameters() if p.grad is not None):
-            grad /= num_tokens  # in place: a copy of Gemma's embedding gradient would add 0.7 GB to the peak
-        loss = loss / num_tokens
-        norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
-        if not (loss.isfinite() and norm.isfinite()):
-            raise Diverged(step, f"the loss is {loss.item():g} (gradient norm {norm.item():g}), stopped before the "
-                                 "update", step - 1)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        stats, seconds = {"loss": (loss.item(), 1), **sequence_stats(seqs)}, time.perf_counter() - start
-        record = {"step": step, **{key: ratio(*pair) for key, pair in stats.items()},
-                  "tokens_per_s": num_tokens.item() / seconds, "lr": schedule.get_last_lr()[0]}
-        for key, pair in {**stats, "seconds": (seconds, 1)}.items():  # evaluations and saves are not training time
-            totals[key] = [a + b for a, b in zip(totals.get(key, (0, 0)), pair)]
-        if test_batches and (args.eval_every and step % args.eval_every == 0 or step == args.max_steps):
-            with stops_at(step, step):  # the weights of this step's update
+    try:
+        for step in bar:
+            # The step's random draws (rollout samples, dropout) follow from (seed, step) alone, so a resumed run draws
+            # what the uninterrupted one drew, and checkpoints need no random states.
+            torch.manual_seed(args.seed * 1_000_003 + step)
+            start, tokens, loss, seqs = time.perf_counter(), 0, 0.0, []
+            for _ in range(args.grad_accum):  # made, scored and backpropagated one at a time: flat memory
+                with autocast:
+                    seq = make_sequences(next(batches), student, teacher, args, stop, tokenizer.pad_token_id)
+                    total = sequence_loss(student, scorer, seq, args.loss, args.beta, args.temperature, num_tokens=1.0)
+                total.backward()
+                tokens, loss = tokens + seq.completion_mask.sum(), loss + total.detach()
+                seq.teacher_hidden = None  # [B, N, H]: freed before the next rollout, not held for the whole window
+                seqs.append(seq)
+            # Summed over the window, divided by its token count: every token weighs the same, whichever micro-batch.
+            num_tokens = tokens.clamp(min=1).float()
+            for grad in (p.grad for p in student.parameters() if p.grad is not None):
+                grad /= num_tokens  # in place: a copy of Gemma's embedding gradient would add 0.7 GB to the peak
+            loss = loss / num_tokens
+            norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+            if not (loss.isfinite() and norm.isfinite()):
+                raise FloatingPointError(f"the loss is {loss.item():g} (gradient norm {norm.item():g}), stopped before "
+                                         "the update")
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats, seconds = {"loss": (loss.item(), 1), **sequence_stats(seqs)}, time.perf_counter() - start
+            record = {"step": step, **{key: ratio(*pair) for key, pair in stats.items()},
+                      "tokens_per_s": num_tokens.item() / seconds, "lr": schedule.get_last_lr()[0]}
+            for key, pair in {**stats, "seconds": (seconds, 1)}.items():  # evaluations and saves are not training time
+                totals[key] = [a + b for a, b in zip(totals.get(key, (0, 0)), pair)]
+            if test_batches and (args.eval_every and step % args.eval_every == 0 or step == args.max_steps):
                 record["eval_score"] = evaluate(student, tokenizer, test_batches, args, score, stop)
-        shown = ("switch_rate", "teacher_frac") if args.method in ("adaswitch", "skd") else ()  # the rest is fixed
-        bar.set_postfix(loss=f"{record['loss']:.3f}", **{key: f"{record[key]:.2f}" for key in shown})
-        if out is not None and (step % args.log_every == 0 or "eval_score" in record):
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if out is not None and (step % args.save_every == 0 or step == args.max_steps):
-            save_checkpoint(out, student, tokenizer, {"step": step, "optimizer": optimizer.state_dict(),
-                                                      "schedule": schedule.state_dict(), "totals": totals})
+            shown = ("switch_rate", "teacher_frac") if args.method in ("adaswitch", "skd") else ()  # the rest is fixed
+            bar.set_postfix(loss=f"{record['loss']:.3f}", **{key: f"{record[key]:.2f}" for key in shown})
+            if out is not None and (step % args.log_every == 0 or "eval_score" in record):
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if out is not None and (step % args.save_every == 0 or step == args.max_steps):
+                save_checkpoint(out, student, tokenizer, {"step": step, "optimizer": optimizer.state_dict(),
+                                                          "schedule": schedule.state_dict(), "totals": totals})
+    except FloatingPointError as error:  # non-finite logits (a rollout's, an evaluation's) or loss: see advice
+        raise Diverged(str(error), step, schedule.last_epoch) from None  # last_epoch: the updates the weights hold
     return totals
 
 # --- Main: the toy models of the default run, loading, the run's folder, evaluation, training, the report.
 def prepare_toy(args: Args, device) -> Args:
-    """A toy teacher that solves the task and a smaller student warmed up briefly, trained once and cached in
-    --toy-dir; returns args with --teacher and --student pointing at their folders."""
+    """A toy teacher that solves the task and a briefly warmed-up student, cached in --toy-dir; args names them."""
     tokenizer, rows = char_tokenizer(), toy_rows(args.dataset, args.toy_digits, 0)[0]
     longest = max(len(row["response"]) for row in rows) + 1  # + EOS
     # Fixed SFT settings (Args' defaults, lr 3e-3, warm-up 0.05): the models depend on the --toy-* flags (all in the
@@ -784,8 +766,7 @@ def tokenizer_files(name: str) -> tuple:
     return tuple((p.name, p.read_bytes()) for p in files if re.fullmatch(pattern, p.name))
 
 def load_models(args: Args, device, student_path: str | None = None):
-    """The shared tokenizer, the frozen teacher, the student (from student_path when resuming), and args with
-    --max-prompt-len capped so that prompt + completion fit the models' positions (else an IndexError inside torch)."""
+    """args (--max-prompt-len capped to the models' positions), the shared tokenizer, frozen teacher, and student."""
     same = tokenizer_files(args.teacher) == tokenizer_files(args.student) != ()  # then one of them is parsed
     names = (args.student,) if same else (args.student, args.teacher)
     tokenizers = [from_pretrained(AutoTokenizer, name) for name in names]
@@ -813,11 +794,11 @@ def load_models(args: Args, device, student_path: str | None = None):
         args = replace(args, max_prompt_len=limit - args.max_new_tokens)
     return args, tokenizer, teacher.to(device).eval().requires_grad_(False), student
 
-RESUMABLE = ("lr", "max_grad_norm", "weight_decay", "dtype")  # the flags --resume may change: not the data, not shapes
+RESUMABLE = ("dtype", "lr", "weight_decay", "max_grad_norm")  # the flags --resume may change: not the data, not shapes
 
 def open_run(args: Args, out: Path) -> dict | None:
-    """None for a new run: refused where --output-dir holds a run, whose files (only those) --overwrite deletes. With
-    --resume, the newest whole checkpoint (see save_checkpoint), once the run's flags are found the same."""
+    """None for a new run (where a run is, only with --overwrite, which deletes its files only); with --resume, the
+    newest whole checkpoint, once the run's flags are found the same but RESUMABLE, whose changes are recorded."""
     ran = [p for p in (out / "args.json", out / "metrics.jsonl", out / "summary.json", out / "student",
                        *checkpoints(out)) if p.exists()]
     if not args.resume:
@@ -833,20 +814,21 @@ def open_run(args: Args, out: Path) -> dict | None:
                          *RESUMABLE) or saved.get(name) == value, f"--resume: --{name.replace('_', '-')} is {value} "
                 f"here but {saved.get(name)} in the run in {out}; resume with the run's flags (only "
                 f"{', '.join('--' + name.replace('_', '-') for name in RESUMABLE)} may change)")
-    require(whole := whole_checkpoints(out), f"--resume: {out} holds no whole checkpoint (checkpoint-<step>/state.pt); "
-                                             "start again (--overwrite)")
+    require(whole := checkpoints(out, whole=True), f"--resume: {out} holds no whole checkpoint "
+                                                   "(checkpoint-<step>/state.pt); start again (--overwrite)")
     try:
         state = torch.load(path := whole[-1] / "state.pt")
     except Exception as error:  # any failure to read it: truncated, not a checkpoint, another format
         raise UsageError(f"--resume: {path} is damaged ({type(error).__name__}); start again (--overwrite)") from None
     require("totals" in state, f"--resume: {path} is from an older adaswitch.py (no totals); start again (--overwrite)")
-    changed = {name: [saved.get(name), value] for name, value in asdict(args).items()
-               if name in RESUMABLE and value != saved.get(name)}
+    changed = {name: [saved.get(name), new] for name in RESUMABLE if (new := getattr(args, name)) != saved.get(name)}
+    print(f"resuming from step {state['step']} of {out}", *(f"--{name.replace('_', '-')} {new} (was {old})"
+                                                           for name, (old, new) in changed.items()), sep=", ")
     if changed:  # args.json: the flags a later --resume compares with; under "changes", each with the step it follows
         saved.update({name: new for name, (_, new) in changed.items()},
                      changes=[*saved.get("changes", []), {"step": state["step"], **changed}])
         (out / "args.json").write_text(json.dumps(saved, indent=1))
-    return {**state, "student": path.parent / "student", "changed": changed}
+    return {**state, "student": path.parent / "student"}
 
 def teacher_score(teacher, tokenizer, batches: list[dict], args: Args, score: str, stop: list[int]) -> float:
     """The teacher's evaluate() score, kept in --teacher-cache for later runs under a hash of all it depends on."""
@@ -871,18 +853,16 @@ def stop_ids(tokenizer, *models) -> list[int]:
     ids = {tokenizer.eos_token_id, *(i for e in eos for i in (e if isinstance(e, list) else [e]))}
     return sorted(i for i in ids if i is not None)
 
-def advice(step: int, what: str, weights: int, given: Args, out: Path) -> str:
-    """The line for non-finite numbers at `step`, from the weights after step `weights`, and the command that goes on. A
-    checkpoint older than those weights passed a whole step since: continue from it with a lower --lr. One that holds
-    them replays the same step (same data, same draws) whatever --lr: a float32 teacher, or a new start, changes it."""
-    whole, lr = whole_checkpoints(out), min(float(f"{given.lr / 10:g}"), filled_defaults(given)["lr"])  # or the default
+def advice(given: Args, out: Path, what: str, step: int = 0, weights: int = 0) -> str:
+    """The line for non-finite numbers at `step` from the weights after step `weights`. A checkpoint holding them would
+    replay the same step (same data, same draws) whatever --lr: then float32, or a new start; else a lower --lr."""
+    whole, lr = checkpoints(out, whole=True), min(float(f"{given.lr / 10:g}"), filled_defaults(given)["lr"])
     if whole and int(whole[-1].name.split("-")[1]) < weights:
         return f"step {step}: {what}; continue from {whole[-1]} with a lower --lr: {command(given, resume=True, lr=lr)}"
-    held = f"step {step}: {what}; {whole[-1]} holds those weights: " if whole else f"step {step}: {what}; "
-    if given.dtype == "bfloat16":
-        return f"{held}go on in float32: " + command(given, resume=bool(whole), overwrite=not whole,
-                                                                      dtype="float32")
-    return f"{held}start again with a lower --lr: {command(given, overwrite=True, lr=lr)}"
+    held = f"{whole[-1]} holds those weights: " if whole else ""
+    how, changes = (("go on in float32", {"dtype": "float32", "resume" if whole else "overwrite": True})
+                    if given.dtype == "bfloat16" else ("start again with a lower --lr", {"overwrite": True, "lr": lr}))
+    return f"step {step}: {what}; {held}{how}: {command(given, **changes)}"
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
@@ -899,9 +879,6 @@ def main(argv: list[str] | None = None) -> dict:
     score, log = args.score if args.score != "auto" else auto or "exact", out / "metrics.jsonl"
     try:  # from here on, non-finite numbers and failed writes end in one line with the command that goes on
         if state is not None:  # metrics.jsonl continues from the checkpoint, the data after the batches it used
-            print(f"resuming from step {state['step']} of {out}", *(f"--{name.replace('_', '-')} {new} (was {old})"
-                                                                   for name, (old, new) in state["changed"].items()),
-                  sep=", ")
             train_batches = itertools.islice(train_batches, state["step"] * args.grad_accum, None)
             kept = [r for r in log.read_text().splitlines(True) if json.loads(r)["step"] <= state["step"]]
             log.write_text("".join(kept))
@@ -909,18 +886,17 @@ def main(argv: list[str] | None = None) -> dict:
             out.mkdir(parents=True, exist_ok=True)
             (out / "args.json").write_text(json.dumps(asdict(given), indent=1))
             print(f"evaluating the teacher and the student on {len(test_rows)} test examples ({score} score)")
-            with stops_at(0, 0):
-                before = {"teacher_score": teacher_score(teacher, tokenizer, test_batches, args, score, stop),
-                          "eval_score": evaluate(student, tokenizer, test_batches, args, score, stop, "eval student")}
+            before = {"teacher_score": teacher_score(teacher, tokenizer, test_batches, args, score, stop),
+                      "eval_score": evaluate(student, tokenizer, test_batches, args, score, stop, "eval student")}
             log.write_text(json.dumps({"step": 0, **before}) + "\n")
         print(f"distilling: {args.method}, {args.max_steps} steps at lr {args.lr:g}, into {out}")
         totals = train(student, teacher, train_batches, args, tokenizer, stop, test_batches, score, out, state)
         save_pretrained(out / "student", student, tokenizer)
-    except Diverged as error:
-        raise UsageError(advice(*error.args, given, out)) from None
-    except OSError as error:  # a full disk, a folder made read-only: checkpoints are whole or passed over (--resume)
+    except FloatingPointError as error:  # in training a Diverged (what, step, weights); else the evaluation before it
+        raise UsageError(advice(given, out, *error.args)) from None
+    except (OSError, SafetensorError) as error:  # a full disk, a read-only folder: checkpoints stay whole (--resume)
         raise UsageError(f"{error}; " + (f"{whole[-1]} is whole: make room, then continue with: "
-                                         f"{command(given, resume=True)}" if (whole := whole_checkpoints(out)) else
+                                         f"{command(given, resume=True)}" if (whole := checkpoints(out, True)) else
                                          f"make room, then start again: {command(given, overwrite=True)}")) from None
     first, *_, last = [json.loads(line) for line in log.read_text().splitlines()]  # the last: the final evaluation
     summary = {"method": args.method, "dataset": args.dataset, "score": score, "teacher": first["teacher_score"],
