@@ -658,9 +658,6 @@ def training_autocast(dtype: str, device: torch.device):
     """The context of every training step: bf16 autocast under --dtype bfloat16 on any device, none under float32."""
     return torch.autocast(device.type, torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
 
-class Diverged(FloatingPointError):
-    """(what, step, weights): non-finite numbers met at a training step, from the weights after step `weights`."""
-
 def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], test_batches: list[dict] | None = None,
           score: str = "exact", out: Path | None = None, state: dict | None = None, desc: str = "distill") -> dict:
     """AdamW, linear warm-up and decay; each step: make the sequences, score them, clip, step; evaluate, log, save.
@@ -722,8 +719,8 @@ def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], tes
             if out is not None and (step % args.save_every == 0 or step == args.max_steps):
                 save_checkpoint(out, student, tokenizer, {"step": step, "optimizer": optimizer.state_dict(),
                                                           "schedule": schedule.state_dict(), "totals": totals})
-    except FloatingPointError as error:  # non-finite logits (a rollout's, an evaluation's) or loss: see advice
-        raise Diverged(str(error), step, schedule.last_epoch) from None  # last_epoch: the updates the weights hold
+    except FloatingPointError as error:  # non-finite logits (a rollout's, an evaluation's) or loss: main's advice
+        raise FloatingPointError(str(error), step, schedule.last_epoch) from None  # last_epoch: updates in the weights
     return totals
 
 # --- Main: the toy models of the default run, loading, the run's folder, evaluation, training, the report.
@@ -822,12 +819,11 @@ def open_run(args: Args, out: Path) -> dict | None:
         raise UsageError(f"--resume: {path} is damaged ({type(error).__name__}); start again (--overwrite)") from None
     require("totals" in state, f"--resume: {path} is from an older adaswitch.py (no totals); start again (--overwrite)")
     changed = {name: [saved.get(name), new] for name in RESUMABLE if (new := getattr(args, name)) != saved.get(name)}
-    print(f"resuming from step {state['step']} of {out}", *(f"--{name.replace('_', '-')} {new} (was {old})"
-                                                           for name, (old, new) in changed.items()), sep=", ")
+    print(f"resuming from step {state['step']} of {out}", *(f"--{n.replace('_', '-')} {new} (was {old})"
+                                                           for n, (old, new) in changed.items()), sep=", ")
     if changed:  # args.json: the flags a later --resume compares with; under "changes", each with the step it follows
-        saved.update({name: new for name, (_, new) in changed.items()},
-                     changes=[*saved.get("changes", []), {"step": state["step"], **changed}])
-        (out / "args.json").write_text(json.dumps(saved, indent=1))
+        saved |= {"changes": [*saved.get("changes", []), {"step": state["step"], **changed}]}
+        (out / "args.json").write_text(json.dumps(saved | {name: new for name, (_, new) in changed.items()}, indent=1))
     return {**state, "student": path.parent / "student"}
 
 def teacher_score(teacher, tokenizer, batches: list[dict], args: Args, score: str, stop: list[int]) -> float:
@@ -892,7 +888,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"distilling: {args.method}, {args.max_steps} steps at lr {args.lr:g}, into {out}")
         totals = train(student, teacher, train_batches, args, tokenizer, stop, test_batches, score, out, state)
         save_pretrained(out / "student", student, tokenizer)
-    except FloatingPointError as error:  # in training a Diverged (what, step, weights); else the evaluation before it
+    except FloatingPointError as error:  # from train: (what, step, weights); else the evaluation before it
         raise UsageError(advice(given, out, *error.args)) from None
     except (OSError, SafetensorError) as error:  # a full disk, a read-only folder: checkpoints stay whole (--resume)
         raise UsageError(f"{error}; " + (f"{whole[-1]} is whole: make room, then continue with: "
