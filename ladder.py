@@ -127,6 +127,11 @@ def measure(student, teacher, tokenizer, batches: list[dict], args, is_teacher: 
     eval_args = A.Args(max_new_tokens=args.max_new_tokens)
     rung = {"kl": reference_kl(student, teacher, batches),
             "rouge_l": A.evaluate(student, tokenizer, batches, eval_args, "rouge", stop)}
+    first = batches[0]  # what the rung writes, to tell text from noise: greedy, the first two prompts
+    greedy = A.rollout(student, None, first["prompt_ids"][:2], first["prompt_mask"][:2], "student", do_sample=False,
+                       max_new_tokens=args.max_new_tokens, eos_token_id=stop, pad_token_id=pad)
+    rung["greedy"] = tokenizer.batch_decode(greedy.sequences[:, first["prompt_ids"].shape[1]:],
+                                            skip_special_tokens=True)
     if is_teacher:
         rows = sum(len(b["references"]) for b in batches) * len(args.seeds)
         d, mask = torch.zeros(rows, args.max_new_tokens), torch.ones(rows, args.max_new_tokens, dtype=torch.bool)
@@ -136,8 +141,8 @@ def measure(student, teacher, tokenizer, batches: list[dict], args, is_teacher: 
     rung.update(completion_len=mask.sum(-1).float().mean().item(), d=quartiles(d[mask]),
                 rho={window: quartiles(ratios(d, mask, window)) for window in WINDOWS},
                 replay=[{**replay_stats(d, mask, k, window, history),  # pooled, then per seed: the seeds' spread
-                         "per_seed": [replay_stats(d[seed_of == s], mask[seed_of == s], k, window, history)["switch_rate"]
-                                      for s in args.seeds]}
+                         "per_seed": [replay_stats(d[seed_of == s], mask[seed_of == s], k, window,
+                                                   history)["switch_rate"] for s in args.seeds]}
                         for k in KS for window in WINDOWS for history in HISTORIES],
                 seconds=time.perf_counter() - started)
     return rung
@@ -160,7 +165,8 @@ def plot(results: dict, path: Path, window: int = 8) -> None:
                 ax.plot([rung["kl"] for rung in rungs], [math.nan if r[key] is None else r[key] for r in rows], style,
                         marker="o", color=f"C{i}", label=label)
     for ax, ylabel in zip(axes, ("switch rate", "mean switch step (rows that switch)")):
-        ax.set(xlabel="KL(teacher || student) on the held-out references", ylabel=ylabel, title=f"{ylabel}, L = {window}")
+        ax.set(xlabel="KL(teacher || student) on the held-out references", ylabel=ylabel,
+               title=f"{ylabel}, L = {window}")
     for rung in rungs:
         axes[0].annotate(f"-{rung['drop']}", (rung["kl"], 1.0), textcoords="offset points", xytext=(0, 4), ha="center",
                          fontsize=8)
@@ -181,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--figure", type=Path, default=Path("figures/ladder.png"), help="the figure (PNG)")
     args = parser.parse_args(argv)
     if not (args.pair / "teacher").is_dir() or not (args.pair / "pydoc.jsonl").is_file():
-        raise SystemExit(f"error: {args.pair} has no teacher/ and pydoc.jsonl; make them: python gemma_pair.py {args.pair}")
+        raise SystemExit(f"error: {args.pair} has no teacher/ and pydoc.jsonl; make them: "
+                         f"python gemma_pair.py {args.pair}")
     args.out.mkdir(parents=True, exist_ok=True)
     folders = students(args.pair, args.out, args.drops)
     tokenizer = AutoTokenizer.from_pretrained(args.pair / "teacher", padding_side="left")
@@ -192,11 +199,12 @@ def main(argv: list[str] | None = None) -> dict:
     for drop, folder in folders.items():
         student = teacher if drop == 0 else AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         results["rungs"][drop] = {"drop": drop, **measure(student, teacher, tokenizer, batches, args, drop == 0)}
-        rung, default = results["rungs"][drop], {r["k"]: r for r in results["rungs"][drop]["replay"]
-                                                  if (r["window"], r["min_history"]) == (8, 8)}
-        print(f"drop {drop}: KL {rung['kl']:.3f}, ROUGE-L {rung['rouge_l']:.3f}, median d_i {rung['d']['median']:.3g}; "
-              "L 8, switch rate (step) " + ", ".join(f"K {k:g}: {r['switch_rate']:.2f} ({r['switch_step'] or math.nan:.1f})"
-                                                      for k, r in default.items()) + f"; {rung['seconds']:.0f} s")
+        rung = results["rungs"][drop]
+        default = [r for r in rung["replay"] if (r["window"], r["min_history"]) == (8, 8)]  # L 8, a full window
+        print(f"drop {drop}: KL {rung['kl']:.3f}, ROUGE-L {rung['rouge_l']:.3f}, median d_i {rung['d']['median']:.3g};"
+              " L 8, switch rate (step) " + ", ".join(f"K {r['k']:g}: {r['switch_rate']:.2f} "
+                                                      f"({r['switch_step'] or math.nan:.1f})" for r in default)
+              + f"; {rung['seconds']:.0f} s")
         (args.out / "ladder.json").write_text(json.dumps(results, indent=1))
     plot(results, args.figure)
     print(f"wrote {args.out / 'ladder.json'} and {args.figure}")

@@ -13,11 +13,12 @@ from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConf
 import adaswitch as A
 import ladder
 
-# Four rows of six steps; the last row wrote three tokens (EOS at step 2), the rest of it is padding.
+# Four rows of six steps; the last row wrote three tokens (EOS at step 2), the rest of it is padding, filled here
+# with large values that would fire (50 > 2 x mean(1, 1, 9, 50)) if the mask did not end the row.
 D = torch.tensor([[1., 1, 1, 1, 5, 1],    # a spike at step 4, after a full window of ones
                   [1., 1, 1, 1, 1, 1],    # flat: never
                   [1., 5, 1, 1, 1, 1],    # a spike at step 1, before a full window
-                  [1., 1, 9, 0, 0, 0]])   # a spike at step 2, then the row has ended
+                  [1., 1, 9, 50, 50, 50]])  # a spike at step 2, then the row has ended
 MASK = torch.tensor([[1] * 6, [1] * 6, [1] * 6, [1, 1, 1, 0, 0, 0]]).bool()
 
 
