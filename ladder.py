@@ -2,7 +2,8 @@
 real Gemma 3 270M teacher of gemma_pair.py (3, 5, 7, 9 of its 18 layers dropped; the teacher itself as the limit),
 each measured by KL(teacher || student) on held-out references and ROUGE-L of its greedy continuations; then each
 writes its own sampled continuations with both models measured (K = inf), and the switch rule (SwitchTracker) is
-replayed on the measured d_i for several K, L and warm-ups. No training: on a CPU, about 15 minutes at the defaults.
+replayed on the measured d_i for several K, L and warm-ups. No training; at the defaults 47 minutes on one thread
+of 2 shared CPU cores; each student (about 1 GB) is written once into --out.
 
     python gemma_pair.py runs/gemma                                  # the pair, once (teacher/, pydoc.jsonl)
     OMP_NUM_THREADS=1 python ladder.py --pair runs/gemma --out runs/ladder --figure figures/ladder.png
