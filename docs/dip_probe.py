@@ -2,7 +2,7 @@
 held-out references teacher-forced (NLL per token, per-token argmax accuracy) and saying where each greedy completion
 first goes wrong; --warm N fills AdamW's moments with N steps at lr 0 on other training batches before step 1
 (the parameters do not move), to tell a fresh optimizer state from the learning rate itself. Used by
-docs/ladder-section.md; wraps adaswitch.py's evaluate, train and AdamW, changes nothing in it.
+docs/results.md; wraps adaswitch.py's evaluate, train and AdamW, changes nothing in it.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python docs/dip_probe.py /tmp/dip.json --method sft --max-steps 100 \\
         --eval-every 10 --output-dir /tmp/dip --overwrite [--warm 20]
