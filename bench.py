@@ -1,6 +1,6 @@
 """Speed ratios of adaswitch.rollout on CPU, on a tiny random GPT-2 pair: a report, not a test.
 
-    python bench.py                                   # the defaults: about 30 s on one CPU thread
+    python bench.py                                   # the defaults: about 70 s of CPU time on one thread
     python bench.py --repeats 9 --new-tokens 128 --batch 16
 
 Every case writes exactly --new-tokens tokens per row (no EOS exists), with plain sampling at T = 1.

@@ -4,6 +4,7 @@
     python bench_trl.py                          # the three rows below, on CPU: about 15 minutes on one thread
     python bench_trl.py --rows tiny gpt2-131k    # without the Gemma pair (which takes 1-2 minutes to build once)
     python bench_trl.py --repeats 3              # each runner 3 times, round robin; the table shows the median
+    python bench_trl.py --grad-accum 1 4 --repeats 3   # not the rows: peak memory over adaswitch.py's --grad-accum
 
 Rows (the same prompts, B and new tokens for every runner; every prompt of a row has the same length):
   tiny        random GPT-2 pair, vocabulary 512 (student 64 wide, 2 layers; teacher 128 wide, 4), B 16, 64 new tokens
@@ -17,6 +18,10 @@ student's step-2 divergences from 0.8 to 5.8 and its rollouts all-student), no g
 saving inside the steps; the first step
 (warm-up) and the second are timed from inside (a TrainerCallback; adaswitch.py's logged tokens_per_s), and the peak
 resident memory is the child's ru_maxrss (os.wait4), model loading and Python included. Load average: `uptime`'s 1 min.
+--grad-accum G1 G2 ... runs only `adaswitch.py --method adaswitch` (2 optimizer steps of G micro-batches, B 8, 32 new
+tokens, the rows' other flags) on a random Gemma-3-shaped pair with Gemma 3's 262,144-token vocabulary (teacher 64
+wide, student 32 wide, 2 layers each; one [B, N, V] float32 tensor is 268 MB), round robin over G, and prints the
+median peak memory with its range: whether the peak stays flat over G, as micro-batches freed in turn should keep it.
 """
 import argparse
 import hashlib
@@ -32,18 +37,34 @@ from pathlib import Path
 
 RUNNERS = ("distillation", "adaswitch_trainer", "cli_on_policy", "cli_adaswitch")
 ROWS = {"tiny": (512, 16, 64), "gpt2-131k": (131072, 8, 192), "gemma": (262144, 4, 24)}  # row -> (V, B, N)
+GRAD_ACCUM = (262144, 8, 32)  # (V, B, N) of --grad-accum's runs: Gemma 3's vocabulary on the tiny Gemma-shaped pair
 HERE = Path(__file__).resolve().parent
+
+
+def word_tokenizer(vocab: int):
+    """A word-level tokenizer covering every id: <pad> 0, <eos> 1, <unk> 2, then t3 ... t{vocab - 1}."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["<pad>", "<eos>", "<unk>", *(f"t{i}" for i in range(3, vocab))]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, "<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def random_prompts(folder: Path, vocab: int, batch: int, prompt_len: int) -> None:
+    """prompts.jsonl: 2 steps' prompts of random tokens, and 1 row adaswitch.py holds out for its test split."""
+    import torch
+    rng = torch.Generator().manual_seed(0)
+    rows = [" ".join(f"t{i}" for i in torch.randint(3, vocab, (prompt_len,), generator=rng).tolist())
+            for _ in range(2 * batch + 1)]
+    (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p, "response": "t3"}) + "\n" for p in rows))
 
 
 def gpt2_pair(folder: Path, vocab: int, batch: int, new_tokens: int, prompt_len: int = 16) -> Path:
     """teacher/, student/ and prompts.jsonl of random tokens; a word-level tokenizer covering every id."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-    words = ["<pad>", "<eos>", "<unk>", *(f"t{i}" for i in range(3, vocab))]
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, "<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    from transformers import GPT2Config, GPT2LMHeadModel
+    tokenizer = word_tokenizer(vocab)
     for name, width, layers in (("student", 64, 2), ("teacher", 128, 4)):
         torch.manual_seed(len(name))
         config = GPT2Config(vocab_size=vocab, n_positions=prompt_len + new_tokens, n_embd=width, n_layer=layers,
@@ -56,10 +77,26 @@ def gpt2_pair(folder: Path, vocab: int, batch: int, new_tokens: int, prompt_len:
             model.lm_head.weight[1, 0] = -1e4
         model.save_pretrained(folder / name)
         tokenizer.save_pretrained(folder / name)
-    rng = torch.Generator().manual_seed(0)
-    rows = [" ".join(f"t{i}" for i in torch.randint(3, vocab, (prompt_len,), generator=rng).tolist())
-            for _ in range(2 * batch + 1)]  # 2 steps, and 1 row adaswitch.py holds out for its test split
-    (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p, "response": "t3"}) + "\n" for p in rows))
+    random_prompts(folder, vocab, batch, prompt_len)
+    return folder
+
+
+def tiny_gemma_pair(folder: Path, vocab: int, batch: int, prompt_len: int = 16) -> Path:
+    """A random Gemma-3-shaped pair (teacher 64 wide, student 32, 2 layers each, tied embedding) and prompts.jsonl:
+    the vocabulary's embeddings dominate its weights, as they do in Gemma 3 270M. EOS stays reachable (Gemma's norm has
+    no bias to pin), at about 1 / vocab per token."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    tokenizer = word_tokenizer(vocab)
+    for name, width in (("student", 32), ("teacher", 64)):
+        torch.manual_seed(len(name))
+        config = Gemma3TextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=width // 2,
+                                  layer_types=["sliding_attention", "full_attention"], eos_token_id=1, pad_token_id=0,
+                                  bos_token_id=None)
+        Gemma3ForCausalLM(config).save_pretrained(folder / name)
+        tokenizer.save_pretrained(folder / name)
+    random_prompts(folder, vocab, batch, prompt_len)
     return folder
 
 
@@ -83,7 +120,7 @@ def gemma_pair(folder: Path, batch: int) -> Path:
     return folder
 
 
-def command(runner: str, folder: Path, batch: int, new_tokens: int, out: Path) -> list[str]:
+def command(runner: str, folder: Path, batch: int, new_tokens: int, out: Path, grad_accum: int = 1) -> list[str]:
     """The child process of a runner; its results go to out (result.json, or adaswitch.py's metrics.jsonl)."""
     paths = ["--teacher", str(folder / "teacher"), "--student", str(folder / "student")]
     if runner in ("distillation", "adaswitch_trainer"):
@@ -92,21 +129,25 @@ def command(runner: str, folder: Path, batch: int, new_tokens: int, out: Path) -
     return [sys.executable, str(HERE / "adaswitch.py"), "--method", runner.removeprefix("cli_"), *paths,
             "--dataset", str(folder / "prompts.jsonl"), "--prompt-field", "prompt", "--response-field", "response",
             "--no-chat-template", "--batch-size", str(batch), "--max-new-tokens", str(new_tokens), "--max-steps", "2",
-            "--lr", "1e-6", "--log-every", "1", "--eval-samples", "1", "--score", "exact", "--output-dir", str(out)]
+            "--grad-accum", str(grad_accum), "--lr", "1e-6", "--log-every", "1", "--eval-samples", "1",
+            "--score", "exact", "--output-dir", str(out)]
 
 
-def measure(runner: str, folder: Path, batch: int, new_tokens: int, threads: int) -> dict:
+def measure(runner: str, folder: Path, batch: int, new_tokens: int, threads: int, grad_accum: int = 1) -> dict:
     """Run one runner in a fresh process; its two step times, completion length and peak RSS."""
     out, load = Path(tempfile.mkdtemp(prefix=f"bench-{runner}-")), os.getloadavg()[0]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     with open(out.with_suffix(".log"), "w") as log:
-        child = subprocess.Popen(command(runner, folder, batch, new_tokens, out), env=env, stdout=log, stderr=log)
+        child = subprocess.Popen(command(runner, folder, batch, new_tokens, out, grad_accum), env=env, stdout=log,
+                                 stderr=log)
         _, status, usage = os.wait4(child.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"{runner} failed: see {out.with_suffix('.log')}")
-    if runner.startswith("cli_"):  # tokens_per_s = B * completion_len / (time of the step, rollout included)
+    if runner.startswith("cli_"):  # tokens_per_s = tokens of the step's micro-batches / (its time, rollouts included)
         steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["step"] > 0]
-        times = [batch * r["completion_len"] / r["tokens_per_s"] for r in steps]
+        ran = json.loads((out / "args.json").read_text())["grad_accum"]
+        assert ran == grad_accum, f"adaswitch.py ran --grad-accum {ran}, not {grad_accum}"  # the times assume it
+        times = [grad_accum * batch * r["completion_len"] / r["tokens_per_s"] for r in steps]
         result = {"first_s": times[0], "step_s": times[1], "completion_len": steps[1]["completion_len"],
                   "teacher_frac": steps[1]["teacher_frac"]}
     else:
@@ -149,11 +190,29 @@ def trainer_child(runner: str, a) -> None:
         "completion_len": last["completions/mean_length"], "teacher_frac": last.get("teacher_frac", 0.0)}))
 
 
+def grad_accum_memory(grad_accums: list[int], repeats: int, threads: int) -> None:
+    """Peak RSS of adaswitch.py's AdaSwitch training at each --grad-accum, each run a fresh process, round robin."""
+    vocab, batch, new_tokens = GRAD_ACCUM
+    folder = tiny_gemma_pair(Path(tempfile.mkdtemp(prefix="bench-grad-accum-")), vocab, batch)
+    runs = {g: [] for g in grad_accums}
+    for _ in range(repeats):
+        for g in grad_accums:
+            runs[g].append(measure("cli_adaswitch", folder, batch, new_tokens, threads, g))
+    print(f"{'grad_accum':>10} {'step 2 s':>9} {'peak GB':>8} {'range':>11} {'runs':>4} {'N':>6} {'teacher':>7} "
+          f"{'load':>5}")
+    for g, ms in runs.items():
+        rss, median = [m["rss_gb"] for m in ms], {key: statistics.median(m[key] for m in ms) for key in ms[0]}
+        print(f"{g:10} {median['step_s']:9.2f} {median['rss_gb']:8.2f} {min(rss):5.2f}-{max(rss):<5.2f} {len(rss):4} "
+              f"{median['completion_len']:6.1f} {median['teacher_frac']:7.2f} {median['load']:5.2f}")
+    shutil.rmtree(folder)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     p.add_argument("--repeats", type=int, default=1, help="runs of each runner, round robin; the median is shown")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every child")
+    p.add_argument("--grad-accum", type=int, nargs="+", help="instead of --rows: peak memory of adaswitch.py at each")
     p.add_argument("--child", choices=RUNNERS[:2], help=argparse.SUPPRESS)
     for name in ("--teacher", "--student", "--data", "--out"):
         p.add_argument(name, help=argparse.SUPPRESS)
@@ -162,6 +221,8 @@ def main() -> None:
     a = p.parse_args()
     if a.child:
         return trainer_child(a.child, a)
+    if a.grad_accum:
+        return grad_accum_memory(a.grad_accum, a.repeats, a.threads)
     print(f"{'row':10} {'runner':18} {'step 1 s':>9} {'step 2 s':>9} {'/ TRL':>6} {'peak GB':>8} {'/ TRL':>6} "
           f"{'N':>6} {'teacher':>7} {'load':>5}")
     for row in a.rows:
