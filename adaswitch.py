@@ -369,13 +369,6 @@ def writable(path: str, flag: str) -> None:
     except OSError as error:
         raise UsageError(f"{flag} {path}: cannot write in {folder} ({error.strerror})") from None
 
-def command(args: Args, **changes) -> str:
-    """The command line of the run in args with these flags changed: each flag whose value is not its default."""
-    flags, default = {**asdict(args), "resume": False, "overwrite": False, **changes}, filled_defaults(args)
-    words = [[f"--{name.replace('_', '-')}", *[str(value)] * (value is not True)] for name, value in flags.items()
-             if name in changes or value != default.get(name, getattr(Args, name, None))]
-    return shlex.join(["python", os.path.relpath(__file__), *itertools.chain(*words)])
-
 def parse_args(argv: list[str] | None = None) -> Args:
     """Flags -> Args, refusing values that leave the mathematics undefined before any model is loaded."""
     try:  # a bad value, an unknown flag: one line instead of argparse's exit
@@ -849,16 +842,25 @@ def stop_ids(tokenizer, *models) -> list[int]:
     ids = {tokenizer.eos_token_id, *(i for e in eos for i in (e if isinstance(e, list) else [e]))}
     return sorted(i for i in ids if i is not None)
 
-def advice(given: Args, out: Path, what: str, step: int = 0, weights: int = 0) -> str:
-    """The line for non-finite numbers at `step` from the weights after step `weights`. A checkpoint holding them would
-    replay the same step (same data, same draws) whatever --lr: then float32, or a new start; else a lower --lr."""
+def advice(given: Args, out: Path, what: str, step: int | None = 0, weights: int = 0) -> str:
+    """The line after a failure, with the command that goes on. A failed write (step None): make room, then resume the
+    last whole checkpoint. Non-finite numbers at `step` from the weights after step `weights`: a checkpoint holding
+    them would replay that step (same data, same draws) whatever --lr: then float32, or a new start; else lower --lr."""
     whole, lr = checkpoints(out, whole=True), min(float(f"{given.lr / 10:g}"), filled_defaults(given)["lr"])
-    if whole and int(whole[-1].name.split("-")[1]) < weights:
-        return f"step {step}: {what}; continue from {whole[-1]} with a lower --lr: {command(given, resume=True, lr=lr)}"
-    held = f"{whole[-1]} holds those weights: " if whole else ""
-    how, changes = (("go on in float32", {"dtype": "float32", "resume" if whole else "overwrite": True})
-                    if given.dtype == "bfloat16" else ("start again with a lower --lr", {"overwrite": True, "lr": lr}))
-    return f"step {step}: {what}; {held}{how}: {command(given, **changes)}"
+    held, again = (f"{whole[-1]} holds those weights: ", "resume") if whole else ("", "overwrite")
+    if step is None:
+        how, changes = (f"{whole[-1]} is whole: make room, then continue with" if whole else
+                        "make room, then start again"), {again: True}
+    elif whole and int(whole[-1].name.split("-")[1]) < weights:
+        how, changes = f"continue from {whole[-1]} with a lower --lr", {"resume": True, "lr": lr}
+    else:
+        how, changes = ((f"{held}go on in float32", {"dtype": "float32", again: True}) if given.dtype == "bfloat16"
+                        else (f"{held}start again with a lower --lr", {"overwrite": True, "lr": lr}))
+    flags, default = {**asdict(given), "resume": False, "overwrite": False, **changes}, filled_defaults(given)
+    words = [w for name, value in flags.items() if name in changes or value != default.get(name, getattr(Args, name))
+             for w in (f"--{name.replace('_', '-')}", *[str(value)] * (value is not True))]
+    what = what if step is None else f"step {step}: {what}"
+    return f"{what}; {how}: {shlex.join(['python', os.path.relpath(__file__), *words])}"
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
@@ -891,9 +893,7 @@ def main(argv: list[str] | None = None) -> dict:
     except FloatingPointError as error:  # from train: (what, step, weights); else the evaluation before it
         raise UsageError(advice(given, out, *error.args)) from None
     except (OSError, SafetensorError) as error:  # a full disk, a read-only folder: checkpoints stay whole (--resume)
-        raise UsageError(f"{error}; " + (f"{whole[-1]} is whole: make room, then continue with: "
-                                         f"{command(given, resume=True)}" if (whole := checkpoints(out, True)) else
-                                         f"make room, then start again: {command(given, overwrite=True)}")) from None
+        raise UsageError(advice(given, out, str(error), None)) from None
     first, *_, last = [json.loads(line) for line in log.read_text().splitlines()]  # the last: the final evaluation
     summary = {"method": args.method, "dataset": args.dataset, "score": score, "teacher": first["teacher_score"],
                "student_before": first["eval_score"], "student_after": last["eval_score"],
