@@ -756,7 +756,7 @@ def tokenizer_files(name: str) -> tuple:
     return tuple((p.name, p.read_bytes()) for p in files if re.fullmatch(pattern, p.name))
 
 def load_models(args: Args, device, student_path: str | None = None):
-    """args (--max-prompt-len capped to the models' positions), the shared tokenizer, frozen teacher, and student."""
+    """The shared tokenizer, the frozen teacher, and the student."""
     same = tokenizer_files(args.teacher) == tokenizer_files(args.student) != ()  # then one of them is parsed
     names = (args.student,) if same else (args.student, args.teacher)
     tokenizers = [from_pretrained(AutoTokenizer, name) for name in names]
@@ -778,11 +778,10 @@ def load_models(args: Args, device, student_path: str | None = None):
             f"--skd-top-k {args.skd_top_k} covers the {len(tokenizer)}-token vocabulary (SKD = on_policy); lower it")
     limit = min(getattr(m.config, "max_position_embeddings", None) or math.inf for m in (teacher, student))
     require(args.max_new_tokens < limit, f"--max-new-tokens {args.max_new_tokens} fills all {limit} model positions")
-    if args.max_prompt_len + args.max_new_tokens > limit:
-        print(f"note: --max-prompt-len capped from {args.max_prompt_len} to {limit - args.max_new_tokens}, so that "
-              f"prompt + --max-new-tokens fit the models' {limit} positions")
-        args = replace(args, max_prompt_len=limit - args.max_new_tokens)
-    return args, tokenizer, teacher.to(device).eval().requires_grad_(False), student
+    require(args.max_prompt_len + args.max_new_tokens <= limit, f"--max-prompt-len {args.max_prompt_len} + "
+            f"--max-new-tokens {args.max_new_tokens} exceed the models' {limit} positions: use --max-prompt-len <= "
+            f"{limit - args.max_new_tokens}")
+    return tokenizer, teacher.to(device).eval().requires_grad_(False), student
 
 RESUMABLE = ("dtype", "lr", "weight_decay", "max_grad_norm")  # the flags --resume may change: not the data, not shapes
 
@@ -869,7 +868,7 @@ def main(argv: list[str] | None = None) -> dict:
     started, (train_rows, test_rows) = time.perf_counter(), load_rows(args)  # bad data: stop before loading models
     out, given, state = Path(args.output_dir), args, open_run(args, Path(args.output_dir))
     args = prepare_toy(args, device) if args.teacher is None else args
-    args, tokenizer, teacher, student = load_models(args, device, state and state["student"])
+    tokenizer, teacher, student = load_models(args, device, state and state["student"])
     stop, pad = stop_ids(tokenizer, teacher, student), tokenizer.pad_token_id
     train_batches = batch_stream(encode(train_rows, tokenizer, args), args.batch_size, pad, device, seed=args.seed)
     test_batches = list(batch_stream(encode(test_rows, tokenizer, args), args.batch_size, pad, device))
