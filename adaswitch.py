@@ -361,8 +361,7 @@ def filled_defaults(args: Args) -> dict:
 
 def writable(path: str, flag: str) -> None:
     """The nearest existing folder on path must take a new file (root ignores permissions; read-only mounts do not)."""
-    folder = Path(path).expanduser().absolute()
-    folder = next(p for p in (folder, *folder.parents) if p.exists())
+    folder = next(p for p in Path(path, "x").expanduser().absolute().parents if p.exists())  # path, then its parents
     require(folder.is_dir(), f"{flag} {path}: {folder} is a file, not a folder")
     try:
         tempfile.TemporaryFile(dir=folder).close()
