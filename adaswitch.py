@@ -296,8 +296,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2L
                           PreTrainedTokenizerFast, get_linear_schedule_with_warmup)
 from transformers import __version__ as transformers_version, logging as hf_logging
 
-# --- Arguments: one dataclass, `--help` lists every field with its default. Groups: the run, models and data,
-# training, AdaSwitch (L, K, d_i), baselines.
+# --- Arguments: one dataclass; `--help` lists every field with its default. Groups: run, data, training, AdaSwitch.
 arg = lambda default, text: field(default=default, metadata={"help": f"{text} (default: {default})"})  # noqa: E731
 
 @dataclass
@@ -652,8 +651,7 @@ def training_autocast(dtype: str, device: torch.device):
 
 def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], test_batches: list[dict] | None = None,
           score: str = "exact", out: Path | None = None, state: dict | None = None, desc: str = "distill") -> dict:
-    """AdamW, linear warm-up and decay; each step: make the sequences, score them, clip, step; evaluate, log, save.
-    Returns {statistic: [sum, count]}, the steps' seconds included, over the whole run (a resumed one's too)."""
+    """{statistic: [sum, count]} over the whole run (a resumed one's too), the steps' seconds included."""
     student.train()
     # fused: one kernel per step, no temporary the size of a parameter (as Trainer's default, adamw_torch_fused)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
@@ -691,8 +689,7 @@ def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], tes
             loss = loss / num_tokens
             norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
             if not (loss.isfinite() and norm.isfinite()):
-                raise FloatingPointError(f"the loss is {loss.item():g} (gradient norm {norm.item():g}), stopped before "
-                                         "the update")
+                raise FloatingPointError(f"the loss is {loss.item():g} (gradient norm {norm.item():g}): no update made")
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -755,7 +752,6 @@ def tokenizer_files(name: str) -> tuple:
     return tuple((p.name, p.read_bytes()) for p in files if re.fullmatch(pattern, p.name))
 
 def load_models(args: Args, device, student_path: str | None = None):
-    """The shared tokenizer, the frozen teacher, and the student."""
     same = tokenizer_files(args.teacher) == tokenizer_files(args.student) != ()  # then one of them is parsed
     names = (args.student,) if same else (args.student, args.teacher)
     tokenizers = [from_pretrained(AutoTokenizer, name) for name in names]
@@ -785,13 +781,11 @@ def load_models(args: Args, device, student_path: str | None = None):
 RESUMABLE = ("dtype", "lr", "weight_decay", "max_grad_norm")  # the flags --resume may change: not the data, not shapes
 
 def open_run(args: Args, out: Path) -> dict | None:
-    """None for a new run (where a run is, only with --overwrite, which deletes its files only); with --resume, the
-    newest whole checkpoint, once the run's flags are found the same but RESUMABLE, whose changes are recorded."""
+    """None for a new run (an earlier run's files go under --overwrite); with --resume, the newest whole checkpoint."""
     ran = [p for p in (out / "args.json", out / "metrics.jsonl", out / "summary.json", out / "student",
                        *checkpoints(out)) if p.exists()]
     if not args.resume:
-        require(not ran or args.overwrite, f"{out} already holds a run: continue it with --resume, choose another "
-                                           "--output-dir, or replace it with --overwrite")
+        require(not ran or args.overwrite, f"{out} already holds a run: --resume, --overwrite, or another --output-dir")
         for path in ran:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         return None
@@ -802,8 +796,7 @@ def open_run(args: Args, out: Path) -> dict | None:
                          *RESUMABLE) or saved.get(name) == value, f"--resume: --{name.replace('_', '-')} is {value} "
                 f"here but {saved.get(name)} in the run in {out}; resume with the run's flags (only "
                 f"{', '.join('--' + name.replace('_', '-') for name in RESUMABLE)} may change)")
-    require(whole := checkpoints(out, whole=True), f"--resume: {out} holds no whole checkpoint "
-                                                   "(checkpoint-<step>/state.pt); start again (--overwrite)")
+    require(whole := checkpoints(out, True), f"--resume: {out} holds no whole checkpoint; start again (--overwrite)")
     try:
         state = torch.load(path := whole[-1] / "state.pt")
     except Exception as error:  # any failure to read it: truncated, not a checkpoint, another format
@@ -826,10 +819,9 @@ def teacher_score(teacher, tokenizer, batches: list[dict], args: Args, score: st
            [[b["prompt_ids"].tolist(), b["prompt_mask"].tolist(), b["references"]] for b in batches]]
     path = Path(args.teacher_cache) / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
     if not path.is_file():  # written whole, then renamed: a killed run leaves no half-written score
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".partial").write_text(str(evaluate(teacher, tokenizer, batches, args, score, stop,
-                                                             "eval teacher")))
-        os.replace(path.with_suffix(".partial"), path)
+        (partial := path.with_suffix(".partial")).parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(str(evaluate(teacher, tokenizer, batches, args, score, stop, "eval teacher")))
+        os.replace(partial, path)
     else:
         print(f"teacher: the score of an earlier run on the same test examples, kept in {path}")
     return float(path.read_text())
