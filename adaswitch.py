@@ -296,8 +296,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2L
                           PreTrainedTokenizerFast, get_linear_schedule_with_warmup)
 from transformers import __version__ as transformers_version, logging as hf_logging
 
-# --- Arguments: one dataclass, `--help` lists every field with its default. Groups: the run, models and data,
-# training, AdaSwitch (L, K, d_i), baselines.
+# --- Arguments: one dataclass; `--help` lists every field with its default. Groups: run, data, training, AdaSwitch.
 arg = lambda default, text: field(default=default, metadata={"help": f"{text} (default: {default})"})  # noqa: E731
 
 @dataclass
@@ -361,20 +360,12 @@ def filled_defaults(args: Args) -> dict:
 
 def writable(path: str, flag: str) -> None:
     """The nearest existing folder on path must take a new file (root ignores permissions; read-only mounts do not)."""
-    folder = Path(path).expanduser().absolute()
-    folder = next(p for p in (folder, *folder.parents) if p.exists())
+    folder = next(p for p in Path(path, "x").expanduser().absolute().parents if p.exists())  # path, then its parents
     require(folder.is_dir(), f"{flag} {path}: {folder} is a file, not a folder")
     try:
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as error:
         raise UsageError(f"{flag} {path}: cannot write in {folder} ({error.strerror})") from None
-
-def command(args: Args, **changes) -> str:
-    """The command line of the run in args with these flags changed: each flag whose value is not its default."""
-    flags, default = {**asdict(args), "resume": False, "overwrite": False, **changes}, filled_defaults(args)
-    words = [[f"--{name.replace('_', '-')}", *[str(value)] * (value is not True)] for name, value in flags.items()
-             if name in changes or value != default.get(name, getattr(Args, name, None))]
-    return shlex.join(["python", os.path.relpath(__file__), *itertools.chain(*words)])
 
 def parse_args(argv: list[str] | None = None) -> Args:
     """Flags -> Args, refusing values that leave the mathematics undefined before any model is loaded."""
@@ -660,8 +651,7 @@ def training_autocast(dtype: str, device: torch.device):
 
 def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], test_batches: list[dict] | None = None,
           score: str = "exact", out: Path | None = None, state: dict | None = None, desc: str = "distill") -> dict:
-    """AdamW, linear warm-up and decay; each step: make the sequences, score them, clip, step; evaluate, log, save.
-    Returns {statistic: [sum, count]}, the steps' seconds included, over the whole run (a resumed one's too)."""
+    """{statistic: [sum, count]} over the whole run (a resumed one's too), the steps' seconds included."""
     student.train()
     # fused: one kernel per step, no temporary the size of a parameter (as Trainer's default, adamw_torch_fused)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
@@ -699,8 +689,7 @@ def train(student, teacher, batches, args: Args, tokenizer, stop: list[int], tes
             loss = loss / num_tokens
             norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
             if not (loss.isfinite() and norm.isfinite()):
-                raise FloatingPointError(f"the loss is {loss.item():g} (gradient norm {norm.item():g}), stopped before "
-                                         "the update")
+                raise FloatingPointError(f"the loss is {loss.item():g} (gradient norm {norm.item():g}): no update made")
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -763,7 +752,6 @@ def tokenizer_files(name: str) -> tuple:
     return tuple((p.name, p.read_bytes()) for p in files if re.fullmatch(pattern, p.name))
 
 def load_models(args: Args, device, student_path: str | None = None):
-    """args (--max-prompt-len capped to the models' positions), the shared tokenizer, frozen teacher, and student."""
     same = tokenizer_files(args.teacher) == tokenizer_files(args.student) != ()  # then one of them is parsed
     names = (args.student,) if same else (args.student, args.teacher)
     tokenizers = [from_pretrained(AutoTokenizer, name) for name in names]
@@ -785,22 +773,19 @@ def load_models(args: Args, device, student_path: str | None = None):
             f"--skd-top-k {args.skd_top_k} covers the {len(tokenizer)}-token vocabulary (SKD = on_policy); lower it")
     limit = min(getattr(m.config, "max_position_embeddings", None) or math.inf for m in (teacher, student))
     require(args.max_new_tokens < limit, f"--max-new-tokens {args.max_new_tokens} fills all {limit} model positions")
-    if args.max_prompt_len + args.max_new_tokens > limit:
-        print(f"note: --max-prompt-len capped from {args.max_prompt_len} to {limit - args.max_new_tokens}, so that "
-              f"prompt + --max-new-tokens fit the models' {limit} positions")
-        args = replace(args, max_prompt_len=limit - args.max_new_tokens)
-    return args, tokenizer, teacher.to(device).eval().requires_grad_(False), student
+    require(args.max_prompt_len + args.max_new_tokens <= limit, f"--max-prompt-len {args.max_prompt_len} + "
+            f"--max-new-tokens {args.max_new_tokens} exceed the models' {limit} positions: use --max-prompt-len <= "
+            f"{limit - args.max_new_tokens}")
+    return tokenizer, teacher.to(device).eval().requires_grad_(False), student
 
 RESUMABLE = ("dtype", "lr", "weight_decay", "max_grad_norm")  # the flags --resume may change: not the data, not shapes
 
 def open_run(args: Args, out: Path) -> dict | None:
-    """None for a new run (where a run is, only with --overwrite, which deletes its files only); with --resume, the
-    newest whole checkpoint, once the run's flags are found the same but RESUMABLE, whose changes are recorded."""
+    """None for a new run (an earlier run's files go under --overwrite); with --resume, the newest whole checkpoint."""
     ran = [p for p in (out / "args.json", out / "metrics.jsonl", out / "summary.json", out / "student",
                        *checkpoints(out)) if p.exists()]
     if not args.resume:
-        require(not ran or args.overwrite, f"{out} already holds a run: continue it with --resume, choose another "
-                                           "--output-dir, or replace it with --overwrite")
+        require(not ran or args.overwrite, f"{out} already holds a run: --resume, --overwrite, or another --output-dir")
         for path in ran:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         return None
@@ -811,8 +796,7 @@ def open_run(args: Args, out: Path) -> dict | None:
                          *RESUMABLE) or saved.get(name) == value, f"--resume: --{name.replace('_', '-')} is {value} "
                 f"here but {saved.get(name)} in the run in {out}; resume with the run's flags (only "
                 f"{', '.join('--' + name.replace('_', '-') for name in RESUMABLE)} may change)")
-    require(whole := checkpoints(out, whole=True), f"--resume: {out} holds no whole checkpoint "
-                                                   "(checkpoint-<step>/state.pt); start again (--overwrite)")
+    require(whole := checkpoints(out, True), f"--resume: {out} holds no whole checkpoint; start again (--overwrite)")
     try:
         state = torch.load(path := whole[-1] / "state.pt")
     except Exception as error:  # any failure to read it: truncated, not a checkpoint, another format
@@ -835,10 +819,9 @@ def teacher_score(teacher, tokenizer, batches: list[dict], args: Args, score: st
            [[b["prompt_ids"].tolist(), b["prompt_mask"].tolist(), b["references"]] for b in batches]]
     path = Path(args.teacher_cache) / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
     if not path.is_file():  # written whole, then renamed: a killed run leaves no half-written score
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".partial").write_text(str(evaluate(teacher, tokenizer, batches, args, score, stop,
-                                                             "eval teacher")))
-        os.replace(path.with_suffix(".partial"), path)
+        (partial := path.with_suffix(".partial")).parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(str(evaluate(teacher, tokenizer, batches, args, score, stop, "eval teacher")))
+        os.replace(partial, path)
     else:
         print(f"teacher: the score of an earlier run on the same test examples, kept in {path}")
     return float(path.read_text())
@@ -849,16 +832,25 @@ def stop_ids(tokenizer, *models) -> list[int]:
     ids = {tokenizer.eos_token_id, *(i for e in eos for i in (e if isinstance(e, list) else [e]))}
     return sorted(i for i in ids if i is not None)
 
-def advice(given: Args, out: Path, what: str, step: int = 0, weights: int = 0) -> str:
-    """The line for non-finite numbers at `step` from the weights after step `weights`. A checkpoint holding them would
-    replay the same step (same data, same draws) whatever --lr: then float32, or a new start; else a lower --lr."""
+def advice(given: Args, out: Path, what: str, step: int | None = 0, weights: int = 0) -> str:
+    """The line after a failure, with the command that goes on. A failed write (step None): make room, then resume the
+    last whole checkpoint. Non-finite numbers at `step` from the weights after step `weights`: a checkpoint holding
+    them would replay that step (same data, same draws) whatever --lr: then float32, or a new start; else lower --lr."""
     whole, lr = checkpoints(out, whole=True), min(float(f"{given.lr / 10:g}"), filled_defaults(given)["lr"])
-    if whole and int(whole[-1].name.split("-")[1]) < weights:
-        return f"step {step}: {what}; continue from {whole[-1]} with a lower --lr: {command(given, resume=True, lr=lr)}"
-    held = f"{whole[-1]} holds those weights: " if whole else ""
-    how, changes = (("go on in float32", {"dtype": "float32", "resume" if whole else "overwrite": True})
-                    if given.dtype == "bfloat16" else ("start again with a lower --lr", {"overwrite": True, "lr": lr}))
-    return f"step {step}: {what}; {held}{how}: {command(given, **changes)}"
+    held, again = (f"{whole[-1]} holds those weights: ", "resume") if whole else ("", "overwrite")
+    if step is None:
+        how, changes = (f"{whole[-1]} is whole: make room, then continue with" if whole else
+                        "make room, then start again"), {again: True}
+    elif whole and int(whole[-1].name.split("-")[1]) < weights:
+        how, changes = f"continue from {whole[-1]} with a lower --lr", {"resume": True, "lr": lr}
+    else:
+        how, changes = ((f"{held}go on in float32", {"dtype": "float32", again: True}) if given.dtype == "bfloat16"
+                        else (f"{held}start again with a lower --lr", {"overwrite": True, "lr": lr}))
+    flags, default = {**asdict(given), "resume": False, "overwrite": False, **changes}, filled_defaults(given)
+    words = [w for name, value in flags.items() if name in changes or value != default.get(name, getattr(Args, name))
+             for w in (f"--{name.replace('_', '-')}", *[str(value)] * (value is not True))]
+    what = what if step is None else f"step {step}: {what}"
+    return f"{what}; {how}: {shlex.join(['python', os.path.relpath(__file__), *words])}"
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
@@ -867,7 +859,7 @@ def main(argv: list[str] | None = None) -> dict:
     started, (train_rows, test_rows) = time.perf_counter(), load_rows(args)  # bad data: stop before loading models
     out, given, state = Path(args.output_dir), args, open_run(args, Path(args.output_dir))
     args = prepare_toy(args, device) if args.teacher is None else args
-    args, tokenizer, teacher, student = load_models(args, device, state and state["student"])
+    tokenizer, teacher, student = load_models(args, device, state and state["student"])
     stop, pad = stop_ids(tokenizer, teacher, student), tokenizer.pad_token_id
     train_batches = batch_stream(encode(train_rows, tokenizer, args), args.batch_size, pad, device, seed=args.seed)
     test_batches = list(batch_stream(encode(test_rows, tokenizer, args), args.batch_size, pad, device))
@@ -891,9 +883,7 @@ def main(argv: list[str] | None = None) -> dict:
     except FloatingPointError as error:  # from train: (what, step, weights); else the evaluation before it
         raise UsageError(advice(given, out, *error.args)) from None
     except (OSError, SafetensorError) as error:  # a full disk, a read-only folder: checkpoints stay whole (--resume)
-        raise UsageError(f"{error}; " + (f"{whole[-1]} is whole: make room, then continue with: "
-                                         f"{command(given, resume=True)}" if (whole := checkpoints(out, True)) else
-                                         f"make room, then start again: {command(given, overwrite=True)}")) from None
+        raise UsageError(advice(given, out, str(error), None)) from None
     first, *_, last = [json.loads(line) for line in log.read_text().splitlines()]  # the last: the final evaluation
     summary = {"method": args.method, "dataset": args.dataset, "score": score, "teacher": first["teacher_score"],
                "student_before": first["eval_score"], "student_after": last["eval_score"],

@@ -918,7 +918,7 @@ def cli_args(saved: Path, out: Path, *extra: str) -> list[str]:
             "--dataset", str(saved / "data.jsonl"), "--prompt-field", "question", "--response-field", "answer",
             "--max-steps", "2", "--batch-size", "4", "--max-new-tokens", "8", "--eval-samples", "4",
             "--log-every", "1", "--window", "2", "--skd-top-k", "3", "--output-dir", str(out),
-            "--teacher-cache", str(saved / "teacher-scores"), *extra]
+            "--teacher-cache", str(saved / "teacher-scores"), "--max-prompt-len", "48", *extra]  # 48 + 8 < 64 positions
 
 
 def logged(out: Path, start: bool = False) -> list[dict]:
@@ -1118,7 +1118,7 @@ def instruct_cli(root: Path, out: Path, *extra: str) -> list[str]:
     return ["--teacher", str(root / "teacher"), "--student", str(root / "student"), "--dataset",
             str(root / "chat.jsonl"), "--max-steps", "2", "--batch-size", "4", "--max-new-tokens", "8",
             "--eval-samples", "4", "--log-every", "1", "--window", "2", "--score", "exact", "--output-dir", str(out),
-            *extra]
+            "--max-prompt-len", "48", *extra]
 
 
 def test_stop_ids_join_the_tokenizer_eos_and_every_generation_config(instruct):
@@ -1365,14 +1365,13 @@ def test_rows_with_missing_null_or_blank_fields_are_dropped_and_counted(tmp_path
     assert re.search(r"dropped 1 of 10\b", capsys.readouterr().out) and len(train) + len(test) == 9
 
 
-def test_long_prompts_are_capped_to_the_model_positions(saved, tmp_path, capsys):
-    """--max-prompt-len 60 + --max-new-tokens 8 > 64 positions: the prompt length is capped with a notice, and the
-    run completes (an uncapped prompt of 60 tokens would index past the position table)."""
-    long_rows = [{"question": "1" * 70 + f"+{i}=", "answer": f"#### {i}"} for i in range(20)]
-    path = write(tmp_path / "long.jsonl", "\n".join(json.dumps(row) for row in long_rows))
-    A.main(cli_args(saved, tmp_path, "--dataset", path, "--max-prompt-len", "60", "--method", "on_policy"))
-    assert "capped" in capsys.readouterr().out
-    assert [r["step"] for r in logged(tmp_path)] == [1, 2]
+def test_long_prompts_that_do_not_fit_the_model_positions_are_refused(saved, tmp_path):
+    """--max-prompt-len 60 + --max-new-tokens 8 > 64 positions (a prompt of 60 tokens would index past the position
+    table): one line naming the --max-prompt-len that fits, before the run's folder is written."""
+    with pytest.raises(A.UsageError, match=r"^--max-prompt-len 60 \+ --max-new-tokens 8 exceed the models' 64 "
+                                           r"positions: use --max-prompt-len <= 56$"):
+        A.main(cli_args(saved, tmp_path, "--max-prompt-len", "60"))
+    assert not (tmp_path / "args.json").exists()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1686,7 +1685,7 @@ def test_a_non_finite_loss_stops_before_the_update(saved, tmp_path, monkeypatch)
         A.main(cli_args(saved, tmp_path, "--method", "on_policy", "--max-steps", "4", "--save-every", "1"))
     assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-2"]
     assert (tmp_path / "checkpoint-2" / "state.pt").exists()
-    in_memory, step_2 = loaded[0][3].state_dict(), weights(tmp_path / "checkpoint-2" / "student")
+    in_memory, step_2 = loaded[0][2].state_dict(), weights(tmp_path / "checkpoint-2" / "student")
     assert all(torch.equal(in_memory[name], step_2[name]) for name in step_2)
     flags = advised(str(stopped.value))
     assert "--overwrite" in flags and "--resume" not in flags and flags[flags.index("--lr") + 1] == "1e-06"
@@ -1969,7 +1968,8 @@ def short_run(saved: Path, out: Path, method: str, steps: int) -> list[str]:
     return ["--teacher", str(saved / "teacher"), "--student", str(saved / "student"), "--dataset",
             str(saved / "data.jsonl"), "--prompt-field", "question", "--response-field", "answer", "--method", method,
             "--max-steps", str(steps), "--batch-size", "4", "--max-new-tokens", "8", "--eval-samples", "2",
-            "--skd-top-k", "3", "--output-dir", str(out), "--teacher-cache", str(out.parent / "scores")]
+            "--skd-top-k", "3", "--output-dir", str(out), "--teacher-cache", str(out.parent / "scores"),
+            "--max-prompt-len", "48"]
 
 
 def check_the_end(out: Path, printed: str, method: str, steps: int):
