@@ -306,7 +306,7 @@ class Args:
     save_every: int = arg(100, "steps between checkpoints in --output-dir (one is also written at the end)")
     resume: bool = arg(False, "continue the run in --output-dir; new --lr/--dtype/--weight-decay/--max-grad-norm ok")
     overwrite: bool = arg(False, "replace a run already in --output-dir")
-    dtype: Literal["float32", "bfloat16"] = arg("float32", "bfloat16: bf16 teacher, student under bf16 autocast")
+    dtype: Literal["float32", "bfloat16"] = arg("float32", "bfloat16: bf16 teacher, student autocast; float32: neither")
     log_every: int = arg(10, "steps between lines of metrics.jsonl")
     eval_every: int = arg(0, "steps between evaluations during training (0: only before and after)")
     teacher_cache: str = arg("runs/teacher-scores", "teacher scores kept for later runs, keyed by all they depend on")
@@ -327,7 +327,7 @@ class Args:
     method: Literal["sft", "supervised_kd", "off_policy", "on_policy", "skd", "adaswitch"] = arg(
         "adaswitch", "how training sequences are made")
     max_steps: int = arg(300, "optimizer steps")
-    batch_size: int = arg(32, "sequences per micro-batch (per process)")
+    batch_size: int = arg(32, "sequences per micro-batch")
     grad_accum: int = arg(1, "micro-batches per optimizer step")
     lr: float | None = arg(None, "peak learning rate of AdamW; None: 5e-4 for the toy models, 1e-5 for a --student")
     warmup_ratio: float = arg(0.1, "fraction of steps of linear warm-up, then linear decay to 0")
