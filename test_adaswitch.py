@@ -1668,18 +1668,24 @@ def advised(message: str) -> list[str]:
     return command[2:]
 
 
+def nan_loss_at(monkeypatch, step: int) -> None:
+    """sequence_loss is NaN at its step-th call (one micro-batch a step: at that training step), as an overflow makes it."""
+    loss, calls = A.sequence_loss, []
+
+    def nan_at(*args, **kwargs):
+        calls.append(1)
+        return loss(*args, **kwargs) * (math.nan if len(calls) == step else 1.0)
+    monkeypatch.setattr(A, "sequence_loss", nan_at)
+
+
 def test_a_non_finite_loss_stops_before_the_update(saved, tmp_path, monkeypatch):
     """A NaN loss at step 3 stops the run with one line naming the step; the step-2 checkpoint stays, no step-3 one, and
     the student in memory is still the step-2 student (the NaN gradient never reached the weights). Those weights are
     checkpoint-2's: resuming would replay step 3 on them, so the line says to start again with a lower --lr, and that
     command runs to the end."""
-    loss, calls, load, loaded = A.sequence_loss, [], A.load_models, []
+    load, loaded = A.load_models, []
     monkeypatch.setattr(A, "load_models", lambda *args, **kwargs: loaded.append(load(*args, **kwargs)) or loaded[-1])
-
-    def nan_at_step_3(*args, **kwargs):
-        calls.append(1)
-        return loss(*args, **kwargs) * (math.nan if len(calls) == 3 else 1.0)
-    monkeypatch.setattr(A, "sequence_loss", nan_at_step_3)
+    nan_loss_at(monkeypatch, 3)
     with pytest.raises(A.UsageError, match=r"^step 3: the loss is nan .*checkpoint-2 holds those weights: start again "
                                            r"with a lower --lr: ") as stopped:
         A.main(cli_args(saved, tmp_path, "--method", "on_policy", "--max-steps", "4", "--save-every", "1"))
@@ -1697,12 +1703,7 @@ def test_a_non_finite_loss_continues_from_the_checkpoint_with_the_printed_lower_
     """A NaN loss at step 4 after the step-2 checkpoint (whose weights passed step 3 since): the line names checkpoint-2
     and a command with --resume and a lower --lr. That command runs to the last step, prints the change, records it in
     args.json, and the schedule goes on from step 2 at the new peak rate (metrics.jsonl's lr)."""
-    loss, calls = A.sequence_loss, []
-
-    def nan_at_step_4(*args, **kwargs):
-        calls.append(1)
-        return loss(*args, **kwargs) * (math.nan if len(calls) == 4 else 1.0)
-    monkeypatch.setattr(A, "sequence_loss", nan_at_step_4)
+    nan_loss_at(monkeypatch, 4)
     with pytest.raises(A.UsageError, match=rf"^step 4: the loss is nan .*; continue from "
                                            rf"{re.escape(str(tmp_path / 'checkpoint-2'))} with a lower --lr: ") as stopped:
         A.main(cli_args(saved, tmp_path, "--method", "on_policy", "--max-steps", "5", "--save-every", "2"))
