@@ -1668,6 +1668,18 @@ def advised(message: str) -> list[str]:
     return command[2:]
 
 
+def interrupt_at(monkeypatch, step: int) -> None:
+    """Ctrl-C in the middle of training step `step` (after its update, before its log and checkpoint)."""
+    stats, calls = A.sequence_stats, []
+
+    def interrupted(seqs):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return stats(seqs)
+    monkeypatch.setattr(A, "sequence_stats", interrupted)
+
+
 def nan_loss_at(monkeypatch, step: int) -> None:
     """sequence_loss is NaN at its step-th call (one micro-batch a step: at that training step), as an overflow makes it."""
     loss, calls = A.sequence_loss, []
@@ -1726,14 +1738,7 @@ def test_resume_may_change_the_flags_that_keep_the_data_and_the_shapes(saved, tm
     """--resume with another --max-grad-norm, --weight-decay and --dtype: printed, recorded in args.json with the step,
     and the optimizer steps with the new weight decay (the final checkpoint's state); other flags stay refused
     (BAD_INPUTS: --batch-size, --method)."""
-    stats, calls = A.sequence_stats, []
-
-    def interrupted(seqs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # in the middle of step 3, after checkpoint-2
-        return stats(seqs)
-    monkeypatch.setattr(A, "sequence_stats", interrupted)
+    interrupt_at(monkeypatch, 3)  # after checkpoint-2
     with pytest.raises(KeyboardInterrupt):
         A.main(cli_args(saved, tmp_path, "--max-steps", "3", "--save-every", "2"))
     monkeypatch.undo()
@@ -1847,15 +1852,8 @@ def test_a_users_copy_of_a_checkpoint_is_left_alone(saved, tmp_path, monkeypatch
         f.seek(0)
         torch.save({**state, "step": 7}, f)
     kept = {p.relative_to(best): p.read_bytes() for p in best.rglob("*") if p.is_file()}
-    stats, calls = A.sequence_stats, []
-
-    def interrupted(seqs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # in the middle of step 3, after checkpoint-2
-        return stats(seqs)
     with monkeypatch.context() as patched:
-        patched.setattr(A, "sequence_stats", interrupted)
+        interrupt_at(patched, 3)  # after checkpoint-2
         with pytest.raises(KeyboardInterrupt):
             A.main(cli_args(saved, run, "--max-steps", "4", "--save-every", "2"))
     A.main(cli_args(saved, run, "--max-steps", "4", "--save-every", "2", "--resume"))
