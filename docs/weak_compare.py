@@ -134,7 +134,8 @@ def summarize(args) -> dict:
     references = {json.dumps(run["held_out"]["reference"]) for run in runs.values()}
     assert len(references) == 1, "the runs' references differ: the teacher's greedy rollout is not deterministic here"
     steps = list(next(iter(runs.values()))["held_out"]["scores"])
-    halves = [(1, args.steps // 2), (args.steps // 2 + 1, args.steps)]
+    # each half, and the first 6 steps: tutorial 8.3's budget, over which its 3-layer student's statistics are logged
+    halves = [(1, args.steps // 2), (args.steps // 2 + 1, args.steps), (1, min(6, args.steps))]
     result = {"steps": args.steps, "seeds": args.seeds, "student": str(args.student), "prompts": args.prompts,
               "new_tokens": args.new_tokens, "batch_size": args.batch_size, "same_start": len(starts) == 1,
               "reference_examples": json.loads(references.pop())[:2], "methods": {}}
