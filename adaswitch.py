@@ -282,19 +282,18 @@ def sequence_loss(student, teacher, seq: Rollout, metric: str = "fkl", beta: flo
 # ========================================== end of the method ==========================================
 
 # The program: flags, training loop, evaluation, data, main. It calls the method above as any caller would.
-import contextlib, csv, hashlib, io, itertools, json, os, random, re, shlex, shutil, sys, tempfile, time, zlib  # noqa: E401
+import contextlib, csv, io, itertools, json, os, random, re, shlex, shutil, sys, tempfile, time, zlib  # noqa: E401
 from argparse import ArgumentError, RawDescriptionHelpFormatter
 from dataclasses import asdict, field, replace
 from pathlib import Path
 from typing import Literal
-
 from torch.utils.data import DataLoader
 from safetensors import SafetensorError
 from tqdm import tqdm
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, HfArgumentParser,
                           PreTrainedTokenizerFast, get_linear_schedule_with_warmup)
-from transformers import __version__ as transformers_version, logging as hf_logging
+from transformers import logging as hf_logging
 
 # --- Arguments: one dataclass; `--help` lists every field with its default. Groups: run, data, training, AdaSwitch.
 arg = lambda default, text: field(default=default, metadata={"help": f"{text} (default: {default})"})  # noqa: E731
@@ -309,7 +308,6 @@ class Args:
     dtype: Literal["float32", "bfloat16"] = arg("float32", "bfloat16: bf16 teacher, student autocast; float32: neither")
     log_every: int = arg(10, "steps between lines of metrics.jsonl")
     eval_every: int = arg(0, "steps between evaluations during training (0: only before and after)")
-    teacher_cache: str = arg("runs/teacher-scores", "teacher scores kept for later runs, keyed by all they depend on")
     teacher: str | None = arg(None, "teacher: hub id or local folder; None: the built-in toy teacher")
     student: str | None = arg(None, "student: hub id or local folder; None: the built-in toy student")
     dataset: str = arg("toy", "toy (addition), toy_summary, gsm8k, dialogsum, or a local .json/.jsonl/.csv file")
@@ -380,7 +378,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     args.output_dir = args.output_dir or f"runs/{args.method}-{Path(args.dataset).stem}-{args.seed}-{stamp}"
     require(args.teacher or args.dataset in TOY_TASKS, f"--dataset {args.dataset} needs --teacher and --student")
     args = replace(args, **{name: v for name, v in filled_defaults(args).items() if getattr(args, name) is None})
-    for name in ["output_dir", *["toy_dir"] * (args.teacher is None), *["teacher_cache"] * (not args.resume)]:
+    for name in ["output_dir", *["toy_dir"] * (args.teacher is None)]:
         writable(getattr(args, name), f"--{name.replace('_', '-')}")  # the folders this run writes in
     for need, ok, names in ((">= 1", lambda v: v >= 1, "max_steps batch_size grad_accum max_new_tokens max_prompt_len "
                                                     "eval_samples skd_top_k log_every save_every toy_digits"),
@@ -426,8 +424,7 @@ def sequence_stats(seqs: list[Rollout]) -> dict:
             "teacher_frac": pair(join("from_teacher")[mask]), "divergence": pair(d[join("measured")]),
             "completion_len": (mask.sum().item(), switch_step.numel())}
 
-def ratio(total: float, count: int) -> float | None:
-    return total / count if count else None  # None: nothing to average (no row switched, SFT measures no d_i)
+ratio = lambda total, count: total / count if count else None  # None: nothing to average  # noqa: E731
 
 # --- Evaluation: greedy completions of the test prompts, scored per task.
 def final_number(text: str) -> str | None:
@@ -717,8 +714,7 @@ def prepare_toy(args: Args, device) -> Args:
     """A toy teacher that solves the task and a briefly warmed-up student, cached in --toy-dir; args names them."""
     tokenizer, rows = char_tokenizer(), toy_rows(args.dataset, args.toy_digits, 0)[0]
     longest = max(len(row["response"]) for row in rows) + 1  # + EOS
-    # Fixed SFT settings (Args' defaults, lr 3e-3, warm-up 0.05): the models depend on the --toy-* flags (all in the
-    # folder name) and on the machine (a GPU rounds otherwise; float32, no autocast, whatever --dtype), not on the rest.
+    # Fixed SFT settings in float32: the models depend on the --toy-* flags (in the folder name) and the device alone.
     sft = replace(Args(), method="sft", dataset=args.dataset, lr=3e-3, warmup_ratio=0.05, max_new_tokens=longest)
     for name, shape, steps in (("teacher", dict(n_embd=128, n_layer=4, n_head=4), args.toy_teacher_steps),
                                ("student", dict(n_embd=64, n_layer=2, n_head=2), args.toy_student_steps)):
@@ -745,17 +741,9 @@ def from_pretrained(auto, name: str, **kwargs):
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UsageError(f"cannot load {auto.__name__} from {name}: {str(error).strip().splitlines()[0]}") from None
 
-def tokenizer_files(name: str) -> tuple:
-    """(name, bytes) of a local folder's tokenizer files; () for a hub id, whose files are not here to compare."""
-    folder, pattern = Path(name).expanduser(), r"tokenizer.*|vocab.*|merges\.txt|.*_tokens.*|chat_template.*|.*\.model"
-    files = sorted(folder.glob("*")) if folder.is_dir() else []
-    return tuple((p.name, p.read_bytes()) for p in files if re.fullmatch(pattern, p.name))
-
 def load_models(args: Args, device, student_path: str | None = None):
-    same = tokenizer_files(args.teacher) == tokenizer_files(args.student) != ()  # then one of them is parsed
-    names = (args.student,) if same else (args.student, args.teacher)
-    tokenizers = [from_pretrained(AutoTokenizer, name) for name in names]
-    for name, tokenizer in zip(names, tokenizers):  # a folder without one: an empty one
+    tokenizers = [from_pretrained(AutoTokenizer, name) for name in (args.student, args.teacher)]
+    for name, tokenizer in zip((args.student, args.teacher), tokenizers):  # a folder without one: an empty one
         require(len(tokenizer.get_vocab()) > len(tokenizer.all_special_tokens), f"{name} has no tokenizer files")
     probe = "Distillation 101: 3 + 4 = 7, naïve café, 東京.\n"  # the same vocabulary and the same encoding
     require(len({(tuple(sorted(t.get_vocab().items())), tuple(t(probe)["input_ids"])) for t in tokenizers}) == 1,
@@ -792,7 +780,7 @@ def open_run(args: Args, out: Path) -> dict | None:
     require((out / "args.json").is_file(), f"--resume: {out} holds no run (args.json) to continue")
     saved = json.loads((out / "args.json").read_text())
     for name, value in asdict(args).items():  # all but these must be the run's
-        require(name in ("output_dir", "resume", "overwrite", "save_every", "log_every", "eval_every", "teacher_cache",
+        require(name in ("output_dir", "resume", "overwrite", "save_every", "log_every", "eval_every",
                          *RESUMABLE) or saved.get(name) == value, f"--resume: --{name.replace('_', '-')} is {value} "
                 f"here but {saved.get(name)} in the run in {out}; resume with the run's flags (only "
                 f"{', '.join('--' + name.replace('_', '-') for name in RESUMABLE)} may change)")
@@ -809,22 +797,6 @@ def open_run(args: Args, out: Path) -> dict | None:
         saved |= {"changes": [*saved.get("changes", []), {"step": state["step"], **changed}]}
         (out / "args.json").write_text(json.dumps(saved | {name: new for name, (_, new) in changed.items()}, indent=1))
     return {**state, "student": path.parent / "student"}
-
-def teacher_score(teacher, tokenizer, batches: list[dict], args: Args, score: str, stop: list[int]) -> float:
-    """The teacher's evaluate() score, kept in --teacher-cache for later runs under a hash of all it depends on."""
-    files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
-             for p in sorted(Path(args.teacher).expanduser().glob("*"))]
-    key = [args.teacher, getattr(teacher.config, "_commit_hash", None), files, args.dtype, str(teacher.device),
-           args.max_new_tokens, score, stop, torch.__version__, transformers_version, Path(__file__).read_text(),
-           [[b["prompt_ids"].tolist(), b["prompt_mask"].tolist(), b["references"]] for b in batches]]
-    path = Path(args.teacher_cache) / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
-    if not path.is_file():  # written whole, then renamed: a killed run leaves no half-written score
-        (partial := path.with_suffix(".partial")).parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(str(evaluate(teacher, tokenizer, batches, args, score, stop, "eval teacher")))
-        os.replace(partial, path)
-    else:
-        print(f"teacher: the score of an earlier run on the same test examples, kept in {path}")
-    return float(path.read_text())
 
 def stop_ids(tokenizer, *models) -> list[int]:
     """The tokenizer's EOS and each model's generation_config eos ids (<|im_end|>, <|eot_id|>, <end_of_turn>)."""
@@ -868,13 +840,12 @@ def main(argv: list[str] | None = None) -> dict:
     try:  # from here on, non-finite numbers and failed writes end in one line with the command that goes on
         if state is not None:  # metrics.jsonl continues from the checkpoint, the data after the batches it used
             train_batches = itertools.islice(train_batches, state["step"] * args.grad_accum, None)
-            kept = [r for r in log.read_text().splitlines(True) if json.loads(r)["step"] <= state["step"]]
-            log.write_text("".join(kept))
+            log.write_text("".join(r for r in log.read_text().splitlines(True) if json.loads(r)["step"] <= state["step"]))
         else:  # a new run: its folder is written only now that the data and the models have loaded
             out.mkdir(parents=True, exist_ok=True)
             (out / "args.json").write_text(json.dumps(asdict(given), indent=1))
             print(f"evaluating the teacher and the student on {len(test_rows)} test examples ({score} score)")
-            before = {"teacher_score": teacher_score(teacher, tokenizer, test_batches, args, score, stop),
+            before = {"teacher_score": evaluate(teacher, tokenizer, test_batches, args, score, stop, "eval teacher"),
                       "eval_score": evaluate(student, tokenizer, test_batches, args, score, stop, "eval student")}
             log.write_text(json.dumps({"step": 0, **before}) + "\n")
         print(f"distilling: {args.method}, {args.max_steps} steps at lr {args.lr:g}, into {out}")

@@ -834,13 +834,13 @@ def test_statistics_count_measured_zero_divergences():
 
 def run_with_the_copied_block(tmp_path: Path, code: str) -> subprocess.CompletedProcess:
     """code run by a fresh python in a folder that holds only adaswitch_method.py: the block between the '=' lines of
-    adaswitch.py, copied alone as the README's sed command copies it (at most 270 lines). adaswitch.py cannot be
-    imported there, so a name defined below the block fails."""
+    adaswitch.py (at most 270 of its at most 880 lines), copied alone as the README's sed command copies it.
+    adaswitch.py cannot be imported there, so a name defined below the block fails."""
     lines = Path(A.__file__).read_text().splitlines()
     marks = [i for i, line in enumerate(lines) if re.fullmatch(r"# =+ .* =+", line)]
     assert len(marks) == 2 and "the method" in lines[marks[0]] and "end of the method" in lines[marks[1]]
     block = lines[marks[0]:marks[1] + 1]
-    assert len(block) <= 270
+    assert len(block) <= 270 and len(lines) <= 880  # the caps of the block and of the whole file
     (tmp_path / "adaswitch_method.py").write_text("\n".join(block) + "\n")
     (tmp_path / "main.py").write_text(code)
     return subprocess.run([sys.executable, "main.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
@@ -918,7 +918,7 @@ def cli_args(saved: Path, out: Path, *extra: str) -> list[str]:
             "--dataset", str(saved / "data.jsonl"), "--prompt-field", "question", "--response-field", "answer",
             "--max-steps", "2", "--batch-size", "4", "--max-new-tokens", "8", "--eval-samples", "4",
             "--log-every", "1", "--window", "2", "--skd-top-k", "3", "--output-dir", str(out),
-            "--teacher-cache", str(saved / "teacher-scores"), "--max-prompt-len", "48", *extra]  # 48 + 8 < 64 positions
+            "--max-prompt-len", "48", *extra]  # 48 + 8 < 64 positions
 
 
 def logged(out: Path, start: bool = False) -> list[dict]:
@@ -1290,8 +1290,6 @@ BAD_INPUTS += [
     ("resume-without-checkpoint", lambda s, t: earlier_run(s, t, "--resume"), {}, [r"no whole checkpoint"]),
     ("output-dir-under-a-file", lambda s, t: ["--output-dir", write(t / "file", "") + "/run"], {},
      [r"--output-dir \S*file/run: \S*file is a file, not a folder"]),
-    ("teacher-cache-in-proc", lambda s, t: ["--teacher-cache", "/proc/nope"], {},
-     [r"--teacher-cache /proc/nope: cannot write in /proc\b"]),
     ("resume-damaged-checkpoint", lambda s, t: earlier_run(s, t, "--resume", state=b"not a checkpoint"), {},
      [r"state\.pt", r"damaged"]),
 ]
@@ -1791,10 +1789,10 @@ def test_non_finite_logits_in_an_evaluation_stop_the_run_with_the_command_that_g
     assert [r["step"] for r in logged(tmp_path)] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("flag", ["--output-dir", "--toy-dir", "--teacher-cache"])
+@pytest.mark.parametrize("flag", ["--output-dir", "--toy-dir"])
 @pytest.mark.parametrize("where", ["under-a-file", "proc"])
 def test_a_folder_that_cannot_be_written_is_one_line_before_any_model_loads(tmp_path, monkeypatch, flag, where):
-    """Each folder a run writes in (the toy run: all three) is checked when the run starts: a path under a regular file,
+    """Each folder a run writes in (the toy run: both) is checked when the run starts: a path under a regular file,
     or in /proc (where root cannot write either), is one line naming the flag, before any model loads or trains."""
     (tmp_path / "file").write_text("")
     folder = str(tmp_path / "file" / "run") if where == "under-a-file" else "/proc/nope/run"
@@ -1967,8 +1965,7 @@ def short_run(saved: Path, out: Path, method: str, steps: int) -> list[str]:
     return ["--teacher", str(saved / "teacher"), "--student", str(saved / "student"), "--dataset",
             str(saved / "data.jsonl"), "--prompt-field", "question", "--response-field", "answer", "--method", method,
             "--max-steps", str(steps), "--batch-size", "4", "--max-new-tokens", "8", "--eval-samples", "2",
-            "--skd-top-k", "3", "--output-dir", str(out), "--teacher-cache", str(out.parent / "scores"),
-            "--max-prompt-len", "48"]
+            "--skd-top-k", "3", "--output-dir", str(out), "--max-prompt-len", "48"]
 
 
 def check_the_end(out: Path, printed: str, method: str, steps: int):
@@ -2170,27 +2167,13 @@ def test_a_local_file_holds_out_the_same_rows_whatever_eval_samples(saved):
     assert splits[0][1] == splits[1][1][:2] and splits[1][1] == splits[2][1]
 
 
-def test_the_teacher_is_scored_once_per_teacher_test_set_and_evaluation(saved, tmp_path, monkeypatch):
-    """A second run with the same teacher, test rows and evaluation reads the teacher's score from --teacher-cache;
-    another --max-new-tokens, other test rows, or a teacher file touched since, scores it again. --eval-every equal to
-    --max-steps evaluates the last step once, and identical tokenizer files are parsed once."""
-    teacher = tmp_path / "teacher"
-    shutil.copytree(saved / "teacher", teacher)
-    evaluated, loaded, evaluate, load = [], [], A.evaluate, A.from_pretrained
+def test_each_evaluation_runs_once(saved, tmp_path, monkeypatch):
+    """A run scores the teacher and the student once before training and the student once at each --eval-every step;
+    --eval-every equal to --max-steps evaluates the last step once, not again as the final evaluation."""
+    evaluated, evaluate = [], A.evaluate
     monkeypatch.setattr(A, "evaluate", lambda *a, **k: evaluated.append(a[6] if len(a) > 6 else "eval") or evaluate(*a))
-    monkeypatch.setattr(A, "from_pretrained", lambda auto, *a, **k: loaded.append(auto.__name__) or load(auto, *a, **k))
-    flags = ["--teacher", str(teacher), "--teacher-cache", str(tmp_path / "scores"), "--eval-every", "2"]
-    runs = [("first", [], ["eval teacher", "eval student", "eval"]), ("same", [], ["eval student", "eval"]),
-            ("other-length", ["--max-new-tokens", "6"], ["eval teacher", "eval student", "eval"]),
-            ("other-rows", ["--eval-samples", "3"], ["eval teacher", "eval student", "eval"])]
-    summaries = {}
-    for name, extra, expected in runs:
-        evaluated.clear()
-        summaries[name] = A.main(cli_args(saved, tmp_path / name, *flags, *extra))
-        assert evaluated == expected, name
-    assert summaries["same"]["teacher"] == summaries["first"]["teacher"]
-    assert loaded.count("AutoTokenizer") == len(runs) and len(list((tmp_path / "scores").iterdir())) == 3
-    os.utime(teacher / "config.json", ns=(1, 1))  # the teacher changed since it was scored
+    A.main(cli_args(saved, tmp_path / "run", "--eval-every", "2"))
+    assert evaluated == ["eval teacher", "eval student", "eval"]
     evaluated.clear()
-    A.main(cli_args(saved, tmp_path / "touched", *flags))
-    assert evaluated[0] == "eval teacher"
+    A.main(cli_args(saved, tmp_path / "run", "--eval-every", "1", "--overwrite"))
+    assert evaluated == ["eval teacher", "eval student", "eval", "eval"]

@@ -39,7 +39,7 @@ def run_argv(args, method: str, seed: int) -> list[str]:
             str(args.out / "pydoc-train.jsonl"), "--no-chat-template", "--score", "rouge", "--batch-size",
             str(args.batch_size), "--max-new-tokens", str(args.new_tokens), "--max-steps", str(args.steps),
             "--eval-samples", "1", "--eval-every", str(args.eval_every), "--lr", "1e-5", "--warmup-ratio", "0",
-            "--save-every", str(10 * args.steps), "--log-every", "1", "--teacher-cache", str(args.out / "teacher-scores"),
+            "--save-every", str(10 * args.steps), "--log-every", "1",
             *METHODS[method], "--seed", str(seed), "--output-dir", str(args.out / f"{method}-{seed}"), "--overwrite"]
 
 
