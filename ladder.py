@@ -2,22 +2,25 @@
 real Gemma 3 270M teacher of gemma_pair.py (3, 5, 7, 9 of its 18 layers dropped; the teacher itself as the limit),
 each measured by KL(teacher || student) on held-out references and ROUGE-L of its greedy continuations; then each
 writes its own sampled continuations with both models measured (K = inf), and the switch rule (SwitchTracker) is
-replayed on the measured d_i for several K, L and warm-ups. No training; at the defaults 47 minutes on one thread
-of 2 shared CPU cores; each student (about 1 GB) is written once into --out.
+replayed on the measured d_i for several K, L and warm-ups. No training; at the defaults 9 minutes with --jobs 2 on
+2 CPU cores (one thread each; 72 s for the teacher's rung, 209-227 s for each student's); each student (about 1 GB) is
+written once into --out, each rung's measures into --out/drop-<n>.json, which a later call with the same flags reads.
 
     python gemma_pair.py runs/gemma                                  # the pair, once (teacher/, pydoc.jsonl)
-    OMP_NUM_THREADS=1 python ladder.py --pair runs/gemma --out runs/ladder --figure figures/ladder.png
+    OMP_NUM_THREADS=1 python ladder.py --pair runs/gemma --out runs/ladder --figure figures/ladder.png --jobs 2
     python -m pytest -q test_ladder.py                               # the tests (tiny random models)
 """
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, logging as hf_logging
 
 import adaswitch as A
 from gemma_pair import prune
@@ -29,7 +32,7 @@ def students(pair: Path, out: Path, drops: list[int]) -> dict[int, Path]:
     """{layers dropped: model folder}: 0 is the teacher; the others are pruned as gemma_pair.py prunes its student
     (the `drop` middle layers, centred), each written once into out/drop-<n> under a .partial name, then renamed."""
     folders = {}
-    for drop in sorted(set(drops) | {0}):
+    for drop in sorted(set(drops)):
         folders[drop] = pair / "teacher" if drop == 0 else out / f"drop-{drop}"
         if drop and not folders[drop].is_dir():
             partial = out / f"drop-{drop}.partial"
@@ -140,7 +143,7 @@ def measure(student, teacher, tokenizer, batches: list[dict], args, is_teacher: 
     else:
         d, mask, seed_of = own_divergences(student, teacher, batches, args.seeds, args.max_new_tokens, stop, pad)
     rung.update(completion_len=mask.sum(-1).float().mean().item(), d=quartiles(d[mask]),
-                rho={window: quartiles(ratios(d, mask, window)) for window in WINDOWS},
+                rho={str(window): quartiles(ratios(d, mask, window)) for window in WINDOWS},  # str: as JSON has it
                 replay=[{**replay_stats(d, mask, k, window, history),  # pooled, then per seed: the seeds' spread
                          "per_seed": [replay_stats(d[seed_of == s], mask[seed_of == s], k, window,
                                                    history)["switch_rate"] for s in args.seeds]}
@@ -149,14 +152,38 @@ def measure(student, teacher, tokenizer, batches: list[dict], args, is_teacher: 
     return rung
 
 
-def plot(results: dict, path: Path, window: int = 8) -> None:
+def table(results: dict, window: int = 8) -> str:
+    """The ladder as a Markdown table, one row per rung: KL, ROUGE-L, d_i and rho_i (quartiles), switch rate ± its
+    binomial standard error (mean switch step) at each K, at L `window` and the default warm-up, and the teacher's
+    share of the tokens at the default K 1.5."""
+    def at(rung, k):
+        return next(r for r in rung["replay"] if (r["k"], r["window"], r["min_history"]) == (k, window, window))
+
+    def spread(q):
+        return "-" if q["median"] is None or math.isnan(q["median"]) else \
+            f"{q['median']:.2f} ({q['q1']:.2f}-{q['q3']:.2f})" if q["q3"] > q["q1"] else f"{q['median']:.3g}"
+
+    def rate(r):
+        return f"{r['switch_rate']:.2f}" + (f" ± {r['switch_rate_se']:.2f} ({r['switch_step']:.1f})"
+                                            if r["switch_step"] is not None else "")
+    lines = [f"| layers dropped | KL(teacher ‖ student) | ROUGE-L | median d_i (quartiles) | median d_i / window mean "
+             f"(quartiles), L {window} | " + " | ".join(f"K {k:g}: switch rate (step)" for k in KS)
+             + " | teacher tokens at K 1.5 |", "| --- " * (6 + len(KS)) + "|"]
+    for drop, rung in sorted(results["rungs"].items(), key=lambda item: int(item[0])):
+        name = f"{drop} (the teacher)" if int(drop) == 0 else drop
+        lines.append(f"| {name} | {rung['kl']:.3g} | {rung['rouge_l']:.3f} | {spread(rung['d'])} | "
+                     f"{spread(rung['rho'][str(window)])} | " + " | ".join(rate(at(rung, k)) for k in KS)
+                     + f" | {at(rung, 1.5)['teacher_share']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path, window: int = 8):
     """Switch rate and mean switch step against the student's KL, one line per K; solid: the default warm-up (a full
-    window), dashed: --min-history 1."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    window), dashed: --min-history 1. A Figure of its own, not pyplot's: a notebook calling it keeps its backend."""
+    from matplotlib.figure import Figure
     rungs = sorted(results["rungs"].values(), key=lambda r: r["kl"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
     for i, k in enumerate(KS):
         for history, style in ((window, "-"), (1, "--")):
             rows = [next(r for r in rung["replay"] if (r["k"], r["window"], r["min_history"]) == (k, window, history))
@@ -176,37 +203,64 @@ def plot(results: dict, path: Path, window: int = 8) -> None:
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
+def rung(drop: int, folder: Path, teacher, tokenizer, batches: list[dict], args) -> dict:
+    """One rung's measures, kept in out/drop-<n>.json with the flags that made them: a later call with the same flags
+    reads them (the notebook's reruns; rungs computed side by side in other processes), other flags recompute."""
+    flags = {"pair": str(args.pair.resolve()), "drop": drop, "prompts": args.prompts, "seeds": args.seeds,
+             "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
+    path = args.out / f"drop-{drop}.json"
+    if path.is_file() and (kept := json.loads(path.read_text()))["flags"] == flags:
+        print(f"drop {drop}: kept from an earlier run with the same flags, in {path}")
+        return kept["rung"]
+    student = teacher if drop == 0 else AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    measured = {"drop": drop, **measure(student, teacher, tokenizer, batches, args, drop == 0)}
+    default = [r for r in measured["replay"] if (r["window"], r["min_history"]) == (8, 8)]  # L 8, a full window
+    print(f"drop {drop}: KL {measured['kl']:.3f}, ROUGE-L {measured['rouge_l']:.3f}, median d_i "
+          f"{measured['d']['median']:.3g}; L 8, switch rate (step) " + ", ".join(
+              f"K {r['k']:g}: {r['switch_rate']:.2f} ({r['switch_step'] or math.nan:.1f})" for r in default)
+          + f"; {measured['seconds']:.0f} s")
+    partial = path.with_suffix(".partial")  # written whole, then renamed: a killed run leaves no half a rung
+    partial.write_text(json.dumps({"flags": flags, "rung": measured}, indent=1))
+    os.replace(partial, path)
+    return measured
+
+
+def rungs(args, folders: dict[int, Path]) -> dict[str, dict]:
+    """{str(drop): rung} in this process: the teacher and the held-out batches loaded once for all of them."""
+    hf_logging.disable_progress_bar()  # a line per rung says more than the loading bars of each model
+    tokenizer = AutoTokenizer.from_pretrained(args.pair / "teacher", padding_side="left")
+    teacher = AutoModelForCausalLM.from_pretrained(args.pair / "teacher", dtype=torch.float32).eval()
+    batches = held_out(args.pair, tokenizer, args.prompts, args.max_new_tokens, args.batch_size)
+    return {str(drop): rung(drop, folder, teacher, tokenizer, batches, args) for drop, folder in folders.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pair", type=Path, required=True, help="gemma_pair.py's folder (teacher/, pydoc.jsonl)")
-    parser.add_argument("--out", type=Path, default=Path("runs/ladder"), help="the students and ladder.json")
-    parser.add_argument("--drops", type=int, nargs="+", default=[3, 5, 7, 9], help="middle layers each student drops")
+    parser.add_argument("--out", type=Path, default=Path("runs/ladder"), help="the students, their rungs, ladder.json")
+    parser.add_argument("--drops", type=int, nargs="+", default=[0, 3, 5, 7, 9],
+                        help="middle layers each student drops (0: the teacher itself, the limit)")
     parser.add_argument("--prompts", type=int, default=64, help="held-out prompts (adaswitch.py's 32 test rows first)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds of the rollouts")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="tokens per continuation")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per rollout batch")
     parser.add_argument("--figure", type=Path, default=Path("figures/ladder.png"), help="the figure (PNG)")
+    parser.add_argument("--jobs", type=int, default=1, help="rungs measured side by side, one process each")
     args = parser.parse_args(argv)
     if not (args.pair / "teacher").is_dir() or not (args.pair / "pydoc.jsonl").is_file():
         raise SystemExit(f"error: {args.pair} has no teacher/ and pydoc.jsonl; make them: "
                          f"python gemma_pair.py {args.pair}")
     args.out.mkdir(parents=True, exist_ok=True)
     folders = students(args.pair, args.out, args.drops)
-    tokenizer = AutoTokenizer.from_pretrained(args.pair / "teacher", padding_side="left")
-    teacher = AutoModelForCausalLM.from_pretrained(args.pair / "teacher", dtype=torch.float32).eval()
-    batches = held_out(args.pair, tokenizer, args.prompts, args.max_new_tokens, args.batch_size)
-    results = {"prompts": sum(len(b["references"]) for b in batches), "seeds": args.seeds,
-               "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(), "rungs": {}}
-    for drop, folder in folders.items():
-        student = teacher if drop == 0 else AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        results["rungs"][drop] = {"drop": drop, **measure(student, teacher, tokenizer, batches, args, drop == 0)}
-        rung = results["rungs"][drop]
-        default = [r for r in rung["replay"] if (r["window"], r["min_history"]) == (8, 8)]  # L 8, a full window
-        print(f"drop {drop}: KL {rung['kl']:.3f}, ROUGE-L {rung['rouge_l']:.3f}, median d_i {rung['d']['median']:.3g};"
-              " L 8, switch rate (step) " + ", ".join(f"K {r['k']:g}: {r['switch_rate']:.2f} "
-                                                      f"({r['switch_step'] or math.nan:.1f})" for r in default)
-              + f"; {rung['seconds']:.0f} s")
-        (args.out / "ladder.json").write_text(json.dumps(results, indent=1))
+    if args.jobs > 1:  # one rung per task; "spawn": fresh processes, safe from a notebook's threads
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            measured = dict(item for part in pool.map(rungs, [args] * len(folders), [{d: f} for d, f in folders.items()])
+                            for item in part.items())
+    else:
+        measured = rungs(args, folders)
+    results = {"prompts": args.prompts, "seeds": args.seeds, "max_new_tokens": args.max_new_tokens,
+               "threads": torch.get_num_threads(), "jobs": args.jobs, "rungs": measured}
+    (args.out / "ladder.json").write_text(json.dumps(results, indent=1))
     plot(results, args.figure)
     print(f"wrote {args.out / 'ladder.json'} and {args.figure}")
     return results
@@ -214,4 +268,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # 1 unless asked: 2 threads on 2 shared cores
-    main()                                                               # wait for each other (see conftest.py)
+    print(table(main()))                                                 # wait for each other (see conftest.py)

@@ -1489,7 +1489,7 @@ def test_rouge_l_equals_rouge_score(prediction, reference):
 
 
 def test_tutorial_notebook_runs_at_smoke_size(tmp_path, monkeypatch, pair):
-    """tutorial.ipynb executed top to bottom by a python3 kernel with ADASWITCH_SMOKE=1 (about a minute): its own
+    """tutorial.ipynb executed top to bottom by a python3 kernel with ADASWITCH_SMOKE=1 (about 90 s): its own
     checks must hold (the recomputed switch rule), its figures are saved, and everything it writes (toy models,
     runs, figures, kernel and matplotlib files) lands in tmp_path."""
     import os
@@ -1509,11 +1509,13 @@ def test_tutorial_notebook_runs_at_smoke_size(tmp_path, monkeypatch, pair):
     NotebookClient(notebook, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises on the first failing cell
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
-        "comparison.png", "distributions.png", "divergence_kinds.png", "k_sweep.png", "real_divergence.png",
+        "comparison.png", "distributions.png", "divergence_kinds.png", "k_sweep.png", "ladder.png", "real_divergence.png",
         "real_k_sweep.png", "real_training.png", "short_completions.png", "summary_divergence.png", "tracker.png",
         "training_step.png", "weak_strong.png"]
     assert all((tmp_path / "runs" / "tutorial" / f"{m}-0" / "summary.json").exists()
                for m in ("sft", "supervised_kd", "off_policy", "on_policy", "skd", "adaswitch"))
+    ladder = json.loads((tmp_path / "runs" / "ladder" / "ladder.json").read_text())  # section 8.5: two rungs
+    assert sorted(ladder["rungs"]) == ["0", "5"] and ladder["rungs"]["5"]["kl"] > 0 == ladder["rungs"]["0"]["kl"]
 
 
 def test_read_file_takes_what_real_files_hold(tmp_path):

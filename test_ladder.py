@@ -63,21 +63,43 @@ def tiny_pair(tmp_path):
     return tmp_path
 
 
+def ladder_argv(pair, *flags):
+    return ["--pair", str(pair), "--out", str(pair / "out"), "--drops", "0", "1", "2", "--prompts", "4", "--seeds", "0",
+            "1", "--max-new-tokens", "5", "--batch-size", "2", "--figure", str(pair / "ladder.png"), *flags]
+
+
 def test_ladder_end_to_end(tiny_pair, capsys):
     """Two pruned students and the teacher: the students have 5 and 4 layers; the teacher's own rung has KL 0 and
-    never switches; the students differ from it; every K x L x warm-up is replayed; JSON and figure written."""
-    out, figure = tiny_pair / "out", tiny_pair / "ladder.png"
-    results = ladder.main(["--pair", str(tiny_pair), "--out", str(out), "--drops", "1", "2", "--prompts", "4",
-                           "--seeds", "0", "1", "--max-new-tokens", "5", "--batch-size", "2", "--figure", str(figure)])
-    assert json.loads((out / "ladder.json").read_text()) == json.loads(json.dumps(results))
-    assert figure.stat().st_size > 0 and results["prompts"] == 4
+    never switches; the students differ from it; every K x L x warm-up is replayed; JSON, figure and table written."""
+    out = tiny_pair / "out"
+    results = ladder.main(ladder_argv(tiny_pair))
+    assert json.loads((out / "ladder.json").read_text()) == results  # keys are strings in memory too
+    assert (tiny_pair / "ladder.png").stat().st_size > 0 and results["prompts"] == 4
     assert [AutoModelForCausalLM.from_pretrained(out / f"drop-{n}").config.num_hidden_layers for n in (1, 2)] == [5, 4]
     rungs = results["rungs"]
-    assert sorted(rungs) == [0, 1, 2] and rungs[0]["kl"] == 0.0
-    assert all(r["switch_rate"] == 0.0 and r["per_seed"] == [0.0, 0.0] for r in rungs[0]["replay"])
-    assert rungs[1]["kl"] > 0 and rungs[2]["kl"] > 0 and rungs[1]["d"]["median"] > 0
-    assert len(rungs[1]["replay"]) == len(ladder.KS) * len(ladder.WINDOWS) * len(ladder.HISTORIES)
+    assert sorted(rungs) == ["0", "1", "2"] and rungs["0"]["kl"] == 0.0
+    assert all(r["switch_rate"] == 0.0 and r["per_seed"] == [0.0, 0.0] for r in rungs["0"]["replay"])
+    assert rungs["1"]["kl"] > 0 and rungs["2"]["kl"] > 0 and rungs["1"]["d"]["median"] > 0
+    assert len(rungs["1"]["replay"]) == len(ladder.KS) * len(ladder.WINDOWS) * len(ladder.HISTORIES)
+    rows = ladder.table(results).splitlines()
     assert "drop 2: KL" in capsys.readouterr().out
+    assert len(rows) == 2 + 3 and rows[2] == "| 0 (the teacher) | 0 | " + f"{rungs['0']['rouge_l']:.3f} | 0 | - | " \
+        + "0.00 | " * len(ladder.KS) + "0.00 |"  # d_i = 0 everywhere: no ratio, no switch
+
+
+def test_rungs_are_kept_by_their_flags(tiny_pair, monkeypatch):
+    """A second call with the same flags reads every rung from out/drop-<n>.json (measure is never called); a changed
+    flag (one seed instead of two) measures the rungs again, here in worker processes (--jobs 2: this process's
+    patched measure is never called); --drops picks a subset of the kept rungs."""
+    first = ladder.main(ladder_argv(tiny_pair))
+    measured = []
+    real = ladder.measure
+    monkeypatch.setattr(ladder, "measure", lambda *a, **k: measured.append(1) or real(*a, **k))
+    assert ladder.main(ladder_argv(tiny_pair)) == first and measured == []
+    assert ladder.main(ladder_argv(tiny_pair, "--drops", "2"))["rungs"] == {"2": first["rungs"]["2"]} and not measured
+    again = ladder.main(ladder_argv(tiny_pair, "--seeds", "0", "--jobs", "2"))  # in two fresh processes
+    assert not measured and json.loads((tiny_pair / "out" / "drop-1.json").read_text())["flags"]["seeds"] == [0]
+    assert again["rungs"]["1"] != first["rungs"]["1"] and again["seeds"] == [0] and len(again["rungs"]["1"]["replay"][0]["per_seed"]) == 1
 
 
 def test_held_out_rows_come_first(tiny_pair):
