@@ -152,13 +152,15 @@ def measure(student, teacher, tokenizer, batches: list[dict], args, is_teacher: 
     return rung
 
 
+def replayed(rung: dict, k: float, window: int, min_history: int) -> dict:
+    """The rung's replay statistics at one K, L and warm-up (min_history = window: the default, a full window)."""
+    return next(r for r in rung["replay"] if (r["k"], r["window"], r["min_history"]) == (k, window, min_history))
+
+
 def table(results: dict, window: int = 8) -> str:
     """The ladder as a Markdown table, one row per rung: KL, ROUGE-L, d_i and rho_i (quartiles), switch rate ± its
     binomial standard error (mean switch step) at each K, at L `window` and the default warm-up, and the teacher's
     share of the tokens at the default K 1.5."""
-    def at(rung, k):
-        return next(r for r in rung["replay"] if (r["k"], r["window"], r["min_history"]) == (k, window, window))
-
     def spread(q):
         return "-" if q["median"] is None or math.isnan(q["median"]) else \
             f"{q['median']:.2f} ({q['q1']:.2f}-{q['q3']:.2f})" if q["q3"] > q["q1"] else f"{q['median']:.3g}"
@@ -171,9 +173,10 @@ def table(results: dict, window: int = 8) -> str:
              + " | teacher tokens at K 1.5 |", "| --- " * (6 + len(KS)) + "|"]
     for drop, rung in sorted(results["rungs"].items(), key=lambda item: int(item[0])):
         name = f"{drop} (the teacher)" if int(drop) == 0 else drop
+        at = {k: replayed(rung, k, window, window) for k in KS}
         lines.append(f"| {name} | {rung['kl']:.3g} | {rung['rouge_l']:.3f} | {spread(rung['d'])} | "
-                     f"{spread(rung['rho'][str(window)])} | " + " | ".join(rate(at(rung, k)) for k in KS)
-                     + f" | {at(rung, 1.5)['teacher_share']:.2f} |")
+                     f"{spread(rung['rho'][str(window)])} | " + " | ".join(rate(at[k]) for k in KS)
+                     + f" | {at[1.5]['teacher_share']:.2f} |")
     return "\n".join(lines)
 
 
@@ -186,8 +189,7 @@ def plot(results: dict, path: Path, window: int = 8):
     axes = fig.subplots(1, 2)
     for i, k in enumerate(KS):
         for history, style in ((window, "-"), (1, "--")):
-            rows = [next(r for r in rung["replay"] if (r["k"], r["window"], r["min_history"]) == (k, window, history))
-                    for rung in rungs]
+            rows = [replayed(rung, k, window, history) for rung in rungs]
             label = f"K = {k:g}" + (", min-history 1" if history == 1 else "")
             for ax, key in zip(axes, ("switch_rate", "switch_step")):
                 ax.plot([rung["kl"] for rung in rungs], [math.nan if r[key] is None else r[key] for r in rows], style,
@@ -214,7 +216,7 @@ def rung(drop: int, folder: Path, teacher, tokenizer, batches: list[dict], args)
         return kept["rung"]
     student = teacher if drop == 0 else AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     measured = {"drop": drop, **measure(student, teacher, tokenizer, batches, args, drop == 0)}
-    default = [r for r in measured["replay"] if (r["window"], r["min_history"]) == (8, 8)]  # L 8, a full window
+    default = [replayed(measured, k, 8, 8) for k in KS]  # L 8, a full window
     print(f"drop {drop}: KL {measured['kl']:.3f}, ROUGE-L {measured['rouge_l']:.3f}, median d_i "
           f"{measured['d']['median']:.3g}; L 8, switch rate (step) " + ", ".join(
               f"K {r['k']:g}: {r['switch_rate']:.2f} ({r['switch_step'] or math.nan:.1f})" for r in default)
@@ -254,8 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
     folders = students(args.pair, args.out, args.drops)
     if args.jobs > 1:  # one rung per task; "spawn": fresh processes, safe from a notebook's threads
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            measured = dict(item for part in pool.map(rungs, [args] * len(folders), [{d: f} for d, f in folders.items()])
-                            for item in part.items())
+            parts = pool.map(rungs, [args] * len(folders), [{drop: folder} for drop, folder in folders.items()])
+            measured = {drop: rung for part in parts for drop, rung in part.items()}
     else:
         measured = rungs(args, folders)
     results = {"prompts": args.prompts, "seeds": args.seeds, "max_new_tokens": args.max_new_tokens,

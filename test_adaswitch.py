@@ -1489,7 +1489,7 @@ def test_rouge_l_equals_rouge_score(prediction, reference):
 
 
 def test_tutorial_notebook_runs_at_smoke_size(tmp_path, monkeypatch, pair):
-    """tutorial.ipynb executed top to bottom by a python3 kernel with ADASWITCH_SMOKE=1 (about 90 s): its own
+    """tutorial.ipynb executed top to bottom by a python3 kernel with ADASWITCH_SMOKE=1 (about 2 minutes): its own
     checks must hold (the recomputed switch rule), its figures are saved, and everything it writes (toy models,
     runs, figures, kernel and matplotlib files) lands in tmp_path."""
     import os

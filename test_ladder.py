@@ -99,7 +99,8 @@ def test_rungs_are_kept_by_their_flags(tiny_pair, monkeypatch):
     assert ladder.main(ladder_argv(tiny_pair, "--drops", "2"))["rungs"] == {"2": first["rungs"]["2"]} and not measured
     again = ladder.main(ladder_argv(tiny_pair, "--seeds", "0", "--jobs", "2"))  # in two fresh processes
     assert not measured and json.loads((tiny_pair / "out" / "drop-1.json").read_text())["flags"]["seeds"] == [0]
-    assert again["rungs"]["1"] != first["rungs"]["1"] and again["seeds"] == [0] and len(again["rungs"]["1"]["replay"][0]["per_seed"]) == 1
+    assert again["rungs"]["1"] != first["rungs"]["1"] and again["seeds"] == [0]
+    assert len(again["rungs"]["1"]["replay"][0]["per_seed"]) == 1
 
 
 def test_held_out_rows_come_first(tiny_pair):
